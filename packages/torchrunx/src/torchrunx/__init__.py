@@ -1,0 +1,32 @@
+"""torchrunx: call a function on every GPU or CPU worker of one or many machines.
+
+    import torchrunx as trx
+    results = trx.launch(train, {"lr": 1e-3}, hostnames=["node1", "node2"], workers_per_host=8)
+
+This package only composes trx-core (the launcher and runtime), trx-remote (local and SSH
+executors) and trx-logging (the log layout), and re-exports the public API.
+"""
+
+from trx_core import (
+    DEFAULT_ENV_VARS,
+    AgentFailedError,
+    ConfigurationError,
+    LaunchResult,
+    Launcher,
+    LogRecord,
+    WorkerError,
+    WorkerFailedError,
+    launch,
+)
+
+__all__ = [
+    "DEFAULT_ENV_VARS",
+    "AgentFailedError",
+    "ConfigurationError",
+    "LaunchResult",
+    "Launcher",
+    "LogRecord",
+    "WorkerError",
+    "WorkerFailedError",
+    "launch",
+]

@@ -1,0 +1,32 @@
+"""trx-core: the torchrunx launcher core.
+
+Holds the `Launcher` dataclass, the launch protocol, the agent and worker runtime, and the
+interfaces other packages implement: node executors (`NodeExecutor`) and log pipelines
+(`LogPipeline`). It depends on torch and cloudpickle only; importing it does not import torch.
+"""
+
+from .errors import AgentFailedError, ConfigurationError, WorkerError, WorkerFailedError
+from .executor import AgentProcess, AgentSpec, NodeExecutor, available_executors, register_executor
+from .launcher import DEFAULT_ENV_VARS, Launcher, launch
+from .logs import ConsolePipeline, LogPipeline, LogRecord, RunInfo
+from .results import LaunchResult
+
+__all__ = [
+    "DEFAULT_ENV_VARS",
+    "AgentFailedError",
+    "AgentProcess",
+    "AgentSpec",
+    "ConfigurationError",
+    "ConsolePipeline",
+    "LaunchResult",
+    "Launcher",
+    "LogPipeline",
+    "LogRecord",
+    "NodeExecutor",
+    "RunInfo",
+    "WorkerError",
+    "WorkerFailedError",
+    "available_executors",
+    "launch",
+    "register_executor",
+]

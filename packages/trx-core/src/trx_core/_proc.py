@@ -1,0 +1,101 @@
+"""Linux process plumbing: parent-death signals, subreaping, killing a process tree."""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import signal
+import time
+
+_PR_SET_PDEATHSIG = 1
+_PR_SET_CHILD_SUBREAPER = 36
+
+try:
+    _libc: ctypes.CDLL | None = ctypes.CDLL(None, use_errno=True)
+except OSError:  # pragma: no cover - non-glibc platforms
+    _libc = None
+
+
+def _prctl(option: int, value: int) -> None:
+    if _libc is not None:
+        _libc.prctl(option, value, 0, 0, 0)
+
+
+def die_with_parent(sig: int = signal.SIGKILL) -> None:
+    """Have the kernel send `sig` to this process when its parent thread exits."""
+    _prctl(_PR_SET_PDEATHSIG, sig)
+
+
+def become_subreaper() -> None:
+    """Orphaned descendants are re-parented to this process instead of init, so we can kill them."""
+    _prctl(_PR_SET_CHILD_SUBREAPER, 1)
+
+
+def children(pid: int) -> list[int]:
+    """Direct children of `pid` (empty if it is gone)."""
+    result: list[int] = []
+    try:
+        tasks = os.listdir(f"/proc/{pid}/task")
+    except OSError:
+        return result
+    for tid in tasks:
+        try:
+            with open(f"/proc/{pid}/task/{tid}/children") as f:
+                result.extend(int(c) for c in f.read().split())
+        except OSError:
+            pass
+    return result
+
+
+def descendants(pid: int) -> list[int]:
+    """All descendants of `pid`, parents before children."""
+    found: list[int] = []
+    todo = children(pid)
+    while todo:
+        child = todo.pop()
+        found.append(child)
+        todo.extend(children(child))
+    return found
+
+
+def kill_descendants(deadline_s: float = 3.0) -> None:
+    """SIGKILL every descendant of this process and reap them all (needs `become_subreaper`)."""
+    end = time.monotonic() + deadline_s
+    while True:
+        pids = descendants(os.getpid())
+        for pid in pids:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        reap_children()
+        if not pids or time.monotonic() > end:
+            return
+        time.sleep(0.005)
+
+
+def reap_children() -> dict[int, int]:
+    """Reap every child that has exited; return their raw wait statuses by pid."""
+    statuses: dict[int, int] = {}
+    while True:
+        try:
+            pid, status = os.waitpid(-1, os.WNOHANG)
+        except ChildProcessError:
+            return statuses
+        if pid == 0:
+            return statuses
+        statuses[pid] = status
+
+
+def describe_wait_status(status: int) -> str:
+    """E.g. ``exit code 3`` or ``killed by signal SIGKILL``."""
+    if os.WIFSIGNALED(status):
+        return f"killed by signal {signal_name(os.WTERMSIG(status))}"
+    return f"exit code {os.waitstatus_to_exitcode(status)}"
+
+
+def signal_name(signum: int) -> str:
+    try:
+        return signal.Signals(signum).name
+    except ValueError:
+        return f"signal {signum}"

@@ -1,0 +1,287 @@
+"""The agent: one per host, started by an executor as ``python -m trx_core.agent``.
+
+It connects back to the launcher (authenticating with the run's secret, read from standard
+input), imports torch once, forks the host's workers on request, and relays their results,
+exceptions, exit statuses and output to the launcher as they happen. It is single-threaded
+and event-driven: one selector over the launcher connection, the workers' sockets and
+pipes, and a wake-up pipe for SIGCHLD.
+
+When the launcher says stop, or its connection breaks, or the agent is told to terminate,
+every process the agent started (workers and their children, including orphans, since the
+agent is a child subreaper) is killed and reaped before it exits.
+
+Messages to the launcher: ``hello``, ``logs``, ``result``, ``error``, ``exit``, ``stopped``.
+Messages from the launcher: ``start`` (with the payload), ``stop``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import selectors
+import signal
+import socket
+import sys
+import time
+from typing import Any
+
+from . import _proc
+from .channel import Channel, ChannelClosed, client_handshake
+from .worker import ForkedWorker, WorkerLaunch, fork_worker
+
+_READ_SIZE = 1 << 16
+_MAX_LINE = 1 << 16
+
+# A record as it travels: (time, local_rank, stream, level, message, logger)
+Record = tuple[float, int | None, str, int, str, str]
+
+
+class _Terminate(Exception):
+    pass
+
+
+def _raise_terminate(signum: int, frame: Any) -> None:
+    raise _Terminate(_proc.signal_name(signum))
+
+
+class _LineSplitter:
+    """Cuts a byte stream into text lines; a carriage return also ends a line (progress bars)."""
+
+    def __init__(self) -> None:
+        self._pending = b""
+
+    def feed(self, data: bytes) -> list[str]:
+        data = self._pending + data
+        parts = data.replace(b"\r\n", b"\n").replace(b"\r", b"\n").split(b"\n")
+        self._pending = parts.pop()
+        if len(self._pending) > _MAX_LINE:
+            parts.append(self._pending)
+            self._pending = b""
+        return [p.decode("utf-8", "backslashreplace") for p in parts if p]
+
+    def flush(self) -> list[str]:
+        rest, self._pending = self._pending, b""
+        return [rest.decode("utf-8", "backslashreplace")] if rest else []
+
+
+class Agent:
+    """The agent's state and event loop. Owns every worker it forks."""
+
+    def __init__(self, launcher: Channel) -> None:
+        self.launcher = launcher
+        self.selector = selectors.DefaultSelector()
+        self.workers: dict[int, ForkedWorker] = {}  # by pid
+        self.splitters: dict[int, _LineSplitter] = {}  # by pipe fd
+        self.pending_logs: list[Record] = []
+        self.statuses: dict[int, int] = {}
+        wake_r, self._wake_w = os.pipe()
+        self._wake_r = wake_r
+        for fd in (wake_r, self._wake_w):
+            os.set_blocking(fd, False)
+        self.selector.register(launcher.fileno(), selectors.EVENT_READ, ("launcher", None))
+        self.selector.register(wake_r, selectors.EVENT_READ, ("wake", None))
+
+    # -- events -----------------------------------------------------------------------
+    def serve(self) -> None:
+        signal.signal(signal.SIGCHLD, lambda *_: None)
+        signal.set_wakeup_fd(self._wake_w, warn_on_full_buffer=False)
+        while True:
+            for key, _ in self.selector.select():
+                kind, who = key.data
+                if kind == "launcher":
+                    if not self._from_launcher():
+                        return
+                elif kind == "wake":
+                    self._drain_wakeups()
+                    self._reap()
+                elif kind == "control":
+                    self._from_worker_control(who)
+                else:
+                    self._from_worker_pipe(key.fd, who, kind)
+            self._flush_logs()
+
+    def _from_launcher(self) -> bool:
+        try:
+            header, blob = self.launcher.recv()
+        except ChannelClosed:
+            return False  # the launcher is gone: tear down
+        if header[0] == "start":
+            self._start_workers(header[1], bytes(blob))
+            return True
+        if header[0] == "stop":
+            self.stop()
+            self.launcher.send(("stopped",))
+            return False
+        return True
+
+    def _start_workers(self, launches: list[WorkerLaunch], payload: bytes) -> None:
+        for launch in launches:
+            worker = fork_worker(launch, payload)
+            self.workers[worker.pid] = worker
+            self.selector.register(worker.control.fileno(), selectors.EVENT_READ, ("control", worker))
+            for fd, stream in ((worker.stdout, "stdout"), (worker.stderr, "stderr")):
+                self.splitters[fd] = _LineSplitter()
+                self.selector.register(fd, selectors.EVENT_READ, (stream, worker))
+            self._agent_log(f"started worker rank {launch.rank} (local rank {launch.local_rank}, pid {worker.pid})")
+        self._reap()  # a worker may already be gone
+
+    def _from_worker_control(self, worker: ForkedWorker) -> None:
+        try:
+            header, blob = worker.control.recv()
+        except ChannelClosed:
+            self.selector.unregister(worker.control.fileno())
+            return
+        kind = header[0]
+        if kind == "log":
+            _, created, level, logger, message = header
+            self.pending_logs.append((created, worker.launch.local_rank, "logging", level, message, logger))
+        else:  # "result" / "error": relay untouched; the blob is only decoded by the launcher
+            self._flush_logs()
+            self.launcher.send(header, blob)
+
+    def _from_worker_pipe(self, fd: int, worker: ForkedWorker, stream: str) -> None:
+        try:
+            data = os.read(fd, _READ_SIZE)
+        except BlockingIOError:
+            return
+        splitter = self.splitters[fd]
+        lines = splitter.feed(data) if data else splitter.flush()
+        now = time.time()
+        rank = worker.launch.local_rank
+        self.pending_logs.extend((now, rank, stream, logging.INFO, line, "") for line in lines)
+        if not data:
+            self.selector.unregister(fd)
+            os.close(fd)
+            del self.splitters[fd]
+
+    def _drain_wakeups(self) -> None:
+        try:
+            while os.read(self._wake_r, 4096):
+                pass
+        except BlockingIOError:
+            pass
+
+    def _reap(self) -> None:
+        for pid, status in _proc.reap_children().items():
+            worker = self.workers.get(pid)
+            if worker is None:
+                continue  # an orphaned grandchild, re-parented to us
+            self._drain_worker(worker)
+            self._flush_logs()
+            how = _proc.describe_wait_status(status)
+            self.launcher.send(("exit", worker.launch.local_rank, how))
+
+    def _drain_worker(self, worker: ForkedWorker) -> None:
+        """Everything a worker wrote before it died is read before its death is reported."""
+        while worker.control.fileno() in self.selector.get_map():
+            ready = selectors.DefaultSelector()
+            ready.register(worker.control.fileno(), selectors.EVENT_READ)
+            has_data = bool(ready.select(0))
+            ready.close()
+            if not has_data:
+                break
+            self._from_worker_control(worker)
+        for fd, stream in ((worker.stdout, "stdout"), (worker.stderr, "stderr")):
+            while fd in self.splitters:
+                before = len(self.pending_logs)
+                self._from_worker_pipe(fd, worker, stream)
+                if fd in self.splitters and len(self.pending_logs) == before:
+                    break  # nothing more for now (a child of the worker may still hold the pipe)
+
+    # -- output -----------------------------------------------------------------------
+    def _agent_log(self, message: str, level: int = logging.INFO) -> None:
+        self.pending_logs.append((time.time(), None, "agent", level, message, ""))
+
+    def _flush_logs(self) -> None:
+        if self.pending_logs:
+            records, self.pending_logs = self.pending_logs, []
+            self.launcher.send(("logs", records))
+
+    # -- teardown ---------------------------------------------------------------------
+    def stop(self) -> None:
+        """Kill every process we started, then forward what they wrote."""
+        for pid in self.workers:
+            try:
+                os.killpg(pid, signal.SIGKILL)
+            except (ProcessLookupError, PermissionError):
+                pass
+        _proc.kill_descendants()
+        for worker in self.workers.values():
+            self._drain_worker(worker)
+        self._flush_logs()
+
+    def close(self) -> None:
+        self.selector.close()
+        for fd in (self._wake_r, self._wake_w):
+            os.close(fd)
+
+
+def _parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m trx_core.agent", description=__doc__)
+    parser.add_argument("--launcher", required=True, help="HOST:PORT of the launcher")
+    parser.add_argument("--host-index", type=int, required=True)
+    parser.add_argument("--connect-timeout", type=float, default=60.0)
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of an agent process. The run's secret (hex) is the first line of stdin."""
+    args = _parse_args(argv)
+    secret = bytes.fromhex(sys.stdin.readline().strip())
+    _proc.become_subreaper()
+    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+        signal.signal(sig, _raise_terminate)
+    host, _, port = args.launcher.rpartition(":")
+    agent: Agent | None = None
+    try:
+        sock = socket.create_connection((host.strip("[]"), int(port)), timeout=args.connect_timeout)
+        client_handshake(sock, secret)
+        sock.settimeout(None)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        launcher = Channel(sock)
+        gpus = _import_torch()
+        cpus = len(os.sched_getaffinity(0))
+        launcher.send(("hello", args.host_index, socket.gethostname(), os.getpid(), gpus, cpus, _free_port()))
+        agent = Agent(launcher)
+        agent.serve()
+    except (_Terminate, ChannelClosed):
+        pass
+    finally:
+        if agent is not None:
+            try:
+                agent.stop()
+            except (ChannelClosed, OSError):
+                pass
+            agent.close()
+        _proc.kill_descendants()
+    return 0
+
+
+def _free_port() -> int:
+    """A port that is free on this host now, for runs whose workers bring their own rendezvous."""
+    with socket.socket() as s:
+        s.bind(("", 0))
+        return int(s.getsockname()[1])
+
+
+def _import_torch() -> int:
+    """Import torch before any worker is forked, so no worker pays for it; count GPUs."""
+    import torch
+    import torch.distributed  # noqa: F401
+
+    # Ask NVML rather than the CUDA runtime: this process must not initialise CUDA, or
+    # the workers forked from it could not use their GPUs.
+    previous = os.environ.get("PYTORCH_NVML_BASED_CUDA_CHECK")
+    os.environ["PYTORCH_NVML_BASED_CUDA_CHECK"] = "1"
+    try:
+        return torch.cuda.device_count()
+    finally:
+        if previous is None:
+            del os.environ["PYTORCH_NVML_BASED_CUDA_CHECK"]
+        else:
+            os.environ["PYTORCH_NVML_BASED_CUDA_CHECK"] = previous
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,118 @@
+"""Framed, authenticated message channel between launcher, agents and workers.
+
+A frame is a small pickled *header* (a tuple of plain Python values) followed by an
+optional opaque *blob* of bytes. Blobs carry user data (the cloudpickled function, return
+values, exceptions) and are only ever decoded by the process that needs them, so an agent
+relays a 100 MB result without copying it into a new pickle.
+
+Connections between machines are authenticated with a mutual HMAC challenge on the run's
+secret before any frame is unpickled: a peer without the secret, or from another run,
+is dropped having had nothing of its input unpickled.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import os
+import pickle
+import socket
+import struct
+from typing import Any
+
+__all__ = [
+    "AuthenticationFailed",
+    "Channel",
+    "ChannelClosed",
+    "client_handshake",
+    "send_challenge",
+    "verify_answer",
+]
+
+_PREFIX = struct.Struct("!QQ")  # header length, blob length
+_MAX_HEADER = 64 * 1024 * 1024
+_NONCE = 32
+_DIGEST = hashlib.sha256
+
+
+class ChannelClosed(ConnectionError):
+    """The peer closed the connection (or died)."""
+
+
+class AuthenticationFailed(ConnectionError):
+    """The peer could not prove that it holds the run's secret."""
+
+
+def _recv_exactly(sock: socket.socket, size: int) -> bytearray:
+    buf = bytearray(size)
+    view = memoryview(buf)
+    got = 0
+    while got < size:
+        n = sock.recv_into(view[got:], min(size - got, 16 * 1024 * 1024))
+        if n == 0:
+            raise ChannelClosed("connection closed by peer")
+        got += n
+    return buf
+
+
+def _mac(secret: bytes, role: bytes, *nonces: bytes) -> bytes:
+    return hmac.new(secret, role + b"".join(nonces), _DIGEST).digest()
+
+
+def send_challenge(sock: socket.socket) -> bytes:
+    """First step of authenticating a connecting peer: send it a fresh nonce."""
+    nonce = os.urandom(_NONCE)
+    sock.sendall(nonce)
+    return nonce
+
+
+def verify_answer(sock: socket.socket, secret: bytes, server_nonce: bytes) -> None:
+    """Second step: check the peer's answer to `server_nonce`, and prove ourselves to it."""
+    answer = _recv_exactly(sock, 2 * _NONCE)
+    client_nonce, client_mac = bytes(answer[:_NONCE]), bytes(answer[_NONCE:])
+    if not hmac.compare_digest(client_mac, _mac(secret, b"agent", server_nonce, client_nonce)):
+        raise AuthenticationFailed("peer does not hold this run's secret")
+    sock.sendall(_mac(secret, b"launcher", client_nonce, server_nonce))
+
+
+def client_handshake(sock: socket.socket, secret: bytes) -> None:
+    """Answer the server's challenge and check that the server holds the secret too."""
+    server_nonce = bytes(_recv_exactly(sock, _NONCE))
+    client_nonce = os.urandom(_NONCE)
+    sock.sendall(client_nonce + _mac(secret, b"agent", server_nonce, client_nonce))
+    server_mac = bytes(_recv_exactly(sock, _DIGEST().digest_size))
+    if not hmac.compare_digest(server_mac, _mac(secret, b"launcher", client_nonce, server_nonce)):
+        raise AuthenticationFailed("server does not hold this run's secret")
+
+
+class Channel:
+    """Frames over a connected stream socket. Owns the socket: `close()` closes it."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        self.sock = sock
+
+    def fileno(self) -> int:
+        return self.sock.fileno()
+
+    def send(self, header: tuple[Any, ...], blob: bytes | bytearray | memoryview = b"") -> None:
+        head = pickle.dumps(header, protocol=pickle.HIGHEST_PROTOCOL)
+        try:
+            self.sock.sendall(_PREFIX.pack(len(head), len(blob)) + head)
+            if len(blob):
+                self.sock.sendall(blob)
+        except (BrokenPipeError, ConnectionResetError) as e:
+            raise ChannelClosed(str(e)) from e
+
+    def recv(self) -> tuple[tuple[Any, ...], bytearray]:
+        try:
+            head_len, blob_len = _PREFIX.unpack(_recv_exactly(self.sock, _PREFIX.size))
+            if head_len > _MAX_HEADER:
+                raise ChannelClosed(f"malformed frame (header of {head_len} bytes)")
+            header = pickle.loads(_recv_exactly(self.sock, head_len))
+            blob = _recv_exactly(self.sock, blob_len) if blob_len else bytearray()
+        except ConnectionResetError as e:
+            raise ChannelClosed(str(e)) from e
+        return header, blob
+
+    def close(self) -> None:
+        self.sock.close()

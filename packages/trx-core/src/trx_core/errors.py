@@ -1,0 +1,67 @@
+"""Exceptions that a launch raises in the launcher process."""
+
+from __future__ import annotations
+
+__all__ = [
+    "AgentFailedError",
+    "ConfigurationError",
+    "WorkerError",
+    "WorkerFailedError",
+    "attach_remote_traceback",
+]
+
+
+class ConfigurationError(ValueError):
+    """A `Launcher` setting or a launch argument is wrong; raised before any process starts."""
+
+
+class WorkerFailedError(RuntimeError):
+    """A worker process died without raising an exception (signal, `os._exit`, OOM kill...)."""
+
+    def __init__(self, hostname: str, local_rank: int, rank: int, how: str) -> None:
+        self.hostname = hostname
+        self.local_rank = local_rank
+        self.rank = rank
+        self.how = how
+        super().__init__(
+            f"worker rank {rank} (host {hostname!r}, local rank {local_rank}) died without "
+            f"raising an exception: {how}"
+        )
+
+
+class AgentFailedError(RuntimeError):
+    """The agent of a host died, could not start, or stopped answering."""
+
+    def __init__(self, hostname: str, reason: str) -> None:
+        self.hostname = hostname
+        self.reason = reason
+        super().__init__(f"the torchrunx agent on host {hostname!r} failed: {reason}")
+
+
+class WorkerError(RuntimeError):
+    """Stands in for a worker's exception that could not be carried to the launcher.
+
+    This happens when the exception object cannot be pickled in the worker or unpickled in
+    the launcher (e.g. its class only exists on the worker's host). The original type name
+    and message are kept in `type_name` and `message`.
+    """
+
+    def __init__(self, type_name: str, message: str) -> None:
+        self.type_name = type_name
+        self.message = message
+        super().__init__(f"{type_name}: {message}")
+
+
+def attach_remote_traceback(exc: BaseException, where: str, traceback_text: str) -> None:
+    """Attach the text of a worker's traceback to `exc`, saying where it was raised."""
+    note = f"\n--- raised in the worker: {where} ---\n{traceback_text.rstrip()}"
+    add_note = getattr(exc, "add_note", None)
+    if add_note is not None:  # Python >= 3.11
+        add_note(note)
+    else:
+        exc.__cause__ = _RemoteTraceback(note)
+
+
+class _RemoteTraceback(Exception):
+    def __str__(self) -> str:
+        return str(self.args[0])

@@ -1,0 +1,203 @@
+"""The user-facing entry points: the `Launcher` dataclass and `launch()`."""
+
+from __future__ import annotations
+
+import fnmatch
+import os
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from importlib.metadata import PackageNotFoundError, version
+from pathlib import Path
+from typing import Any, Literal
+
+from .errors import ConfigurationError
+from .results import LaunchResult
+
+__all__ = ["DEFAULT_ENV_VARS", "Launcher", "launch"]
+
+DEFAULT_ENV_VARS: tuple[str, ...] = (
+    "PATH",
+    "LD_LIBRARY_PATH",
+    "LIBRARY_PATH",
+    "LD_PRELOAD",
+    "PYTHON*",
+    "VIRTUAL_ENV",
+    "CONDA_*",
+    "CUDA*",
+    "TORCH*",
+    "PYTORCH*",
+    "NCCL*",
+    "GLOO_*",
+    "UCC_*",
+    "UCX_*",
+    "OMP_*",
+    "MKL_*",
+    "HF_*",
+    "TRANSFORMERS_*",
+)
+"""Environment variables copied from the launcher to agents and workers by default
+(fnmatch patterns): what Python, PyTorch, CUDA, NCCL and the usual ML libraries read."""
+
+Backend = Literal["nccl", "gloo", "mpi", "ucc", "auto"]
+_BACKENDS = ("nccl", "gloo", "mpi", "ucc", "auto")
+
+
+def _default_logs() -> Path | None:
+    return Path(os.environ.get("TORCHRUNX_LOG_DIR", "torchrunx_logs"))
+
+
+@dataclass
+class Launcher:
+    """Runs a function on every worker of one or many hosts.
+
+    Every field is a plain type, so ``tyro.cli(Launcher)`` builds one from the command line.
+    """
+
+    hostnames: list[str] | Literal["auto", "slurm"] = "auto"
+    """Hosts to run on. ``auto``: the SLURM allocation if inside one, else this machine."""
+
+    workers_per_host: int | list[int] | Literal["auto", "gpu", "cpu"] = "auto"
+    """Workers per host (one number for all, or one per host). ``gpu``: one per GPU;
+    ``cpu``: one per CPU core; ``auto``: one per GPU if the host has any, else 1."""
+
+    ssh_config_file: Path | None = None
+    """OpenSSH-format config used to reach hosts (default: ``~/.ssh/config``)."""
+
+    backend: Backend | None = "auto"
+    """Backend of the workers' process group; ``auto``: nccl with CUDA, else gloo; None: no group."""
+
+    logs: Path | None = field(default_factory=_default_logs)
+    """Folder for the run's log files (default ``$TORCHRUNX_LOG_DIR`` or ``./torchrunx_logs``);
+    None: write no files."""
+
+    env_vars: tuple[str, ...] = DEFAULT_ENV_VARS
+    """Launcher environment variables copied to agents and workers (fnmatch patterns)."""
+
+    env_file: Path | None = None
+    """A file that bash sources on every host before the agent starts."""
+
+    timeout: int = 600
+    """Timeout (seconds) of the workers' process group, and for agents to start."""
+
+    executor: str = "auto"
+    """How agents are started: ``auto`` (local for this machine, SSH otherwise), ``local``,
+    ``ssh``, or the name of an installed executor plugin."""
+
+    def run(
+        self,
+        func: Callable[..., Any],
+        func_kwargs: Mapping[str, Any] | None = None,
+        *,
+        func_args: Sequence[Any] | None = None,
+    ) -> LaunchResult:
+        """Run ``func(*func_args, **func_kwargs)`` on every worker; return their results by rank.
+
+        An exception raised by a worker is re-raised here with its own type and the
+        worker's traceback attached. A worker that dies without raising raises
+        `WorkerFailedError`; an agent that dies raises `AgentFailedError`. Every process of
+        the run is stopped before this returns or raises.
+        """
+        from .run import execute  # the runtime, kept out of `import trx_core`'s path
+
+        self.validate()
+        return execute(self, func, tuple(func_args or ()), dict(func_kwargs or {}))
+
+    def validate(self) -> None:
+        """Raise `ConfigurationError` for settings that cannot work, saying what to change."""
+        if isinstance(self.hostnames, str):
+            if self.hostnames not in ("auto", "slurm"):
+                raise ConfigurationError(
+                    f"hostnames={self.hostnames!r} is not valid: pass a list of hostnames, "
+                    "'auto' or 'slurm' (for a single host write hostnames=[...])"
+                )
+        else:
+            if len(self.hostnames) == 0:
+                raise ConfigurationError("hostnames is empty: pass at least one host, e.g. ['localhost']")
+            if not all(isinstance(h, str) and h.strip() for h in self.hostnames):
+                raise ConfigurationError(f"hostnames must be non-empty strings, got {self.hostnames!r}")
+            duplicates = sorted({h for h in self.hostnames if list(self.hostnames).count(h) > 1})
+            if duplicates:
+                raise ConfigurationError(
+                    f"hostnames lists {duplicates} more than once; list each host once and "
+                    "set workers_per_host for more workers on it"
+                )
+        _validate_workers_per_host(self.workers_per_host, self.hostnames)
+        if self.backend not in (*_BACKENDS, None):
+            raise ConfigurationError(
+                f"unknown backend {self.backend!r}: use one of {', '.join(_BACKENDS)} or None"
+            )
+        if not isinstance(self.timeout, int) or isinstance(self.timeout, bool) or self.timeout <= 0:
+            raise ConfigurationError(f"timeout must be a positive number of seconds, got {self.timeout!r}")
+        if isinstance(self.env_vars, str):
+            raise ConfigurationError(f"env_vars must be a tuple of patterns, not the string {self.env_vars!r}")
+        if self.env_file is not None and not Path(self.env_file).expanduser().is_file():
+            # Remote hosts may hold a file this machine does not; only local paths are checked here.
+            if not _may_be_remote(self.hostnames):
+                raise ConfigurationError(f"env_file {str(self.env_file)!r} does not exist or is not a file")
+        check_numpy_torch_versions()
+
+    def matched_env(self, environ: Mapping[str, str] | None = None) -> dict[str, str]:
+        """The launcher's environment variables that `env_vars` selects."""
+        environ = os.environ if environ is None else environ
+        return {k: v for k, v in environ.items() if any(fnmatch.fnmatchcase(k, p) for p in self.env_vars)}
+
+
+def launch(
+    func: Callable[..., Any],
+    func_kwargs: Mapping[str, Any] | None = None,
+    *,
+    func_args: Sequence[Any] | None = None,
+    **launcher_fields: Any,
+) -> LaunchResult:
+    """Run `func` on every worker: ``Launcher(**launcher_fields).run(func, func_kwargs, func_args=...)``."""
+    try:
+        launcher = Launcher(**launcher_fields)
+    except TypeError as e:
+        raise ConfigurationError(f"{e}; valid fields are those of torchrunx.Launcher") from None
+    return launcher.run(func, func_kwargs, func_args=func_args)
+
+
+def _validate_workers_per_host(value: object, hostnames: object) -> None:
+    def _check_count(n: object) -> None:
+        if not isinstance(n, int) or isinstance(n, bool) or n <= 0:
+            raise ConfigurationError(f"workers_per_host must be positive whole numbers, got {n!r}")
+
+    if isinstance(value, str):
+        if value not in ("auto", "gpu", "cpu"):
+            raise ConfigurationError(
+                f"workers_per_host={value!r} is not valid: use a number, a list of numbers, 'auto', 'gpu' or 'cpu'"
+            )
+    elif isinstance(value, (list, tuple)):
+        for n in value:
+            _check_count(n)
+        if isinstance(hostnames, (list, tuple)) and len(value) != len(hostnames):
+            raise ConfigurationError(
+                f"workers_per_host has {len(value)} entries but hostnames has {len(hostnames)}: "
+                "give one count per host, or a single number for all"
+            )
+    else:
+        _check_count(value)
+
+
+def _may_be_remote(hostnames: object) -> bool:
+    return not (isinstance(hostnames, (list, tuple)) and all(h in ("localhost", "127.0.0.1") for h in hostnames)) and (
+        hostnames != "auto" or "SLURM_JOB_NODELIST" in os.environ
+    )
+
+
+def _major_minor(package: str) -> tuple[int, int] | None:
+    try:
+        parts = version(package).split(".")
+        return int(parts[0]), int("".join(c for c in parts[1] if c.isdigit()) or 0)
+    except (PackageNotFoundError, ValueError, IndexError):
+        return None
+
+
+def check_numpy_torch_versions() -> None:
+    """NumPy >= 2.0 only works with torch >= 2.3: refuse the bad pair up front."""
+    numpy_version, torch_version = _major_minor("numpy"), _major_minor("torch")
+    if numpy_version and torch_version and numpy_version >= (2, 0) and torch_version < (2, 3):
+        raise ConfigurationError(
+            f"NumPy {version('numpy')} needs torch >= 2.3, but torch {version('torch')} is installed: "
+            "upgrade torch (pip install 'torch>=2.3') or install 'numpy<2'"
+        )

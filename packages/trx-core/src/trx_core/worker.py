@@ -1,0 +1,213 @@
+"""The worker: a process forked by the agent that runs the user's function once.
+
+The agent has already imported torch, so a forked worker starts in milliseconds. In the
+child, everything the agent owned is dropped (signal handlers, file descriptors), output is
+redirected to the agent's pipes, the process group is initialised, and the function's
+return value or exception is sent back over the worker's control socket.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import os
+import signal
+import socket
+import sys
+import threading
+import traceback
+from collections.abc import Mapping
+from dataclasses import dataclass
+from datetime import timedelta
+from typing import Any, NoReturn
+
+from . import _proc
+from .channel import Channel
+
+__all__ = ["WorkerLaunch", "fork_worker"]
+
+# Exit code of a worker whose function raised (the exception itself travels separately).
+EXIT_RAISED = 1
+
+
+@dataclass(frozen=True)
+class WorkerLaunch:
+    """What one worker needs, besides the function payload."""
+
+    rank: int
+    local_rank: int
+    env: Mapping[str, str]
+    backend: str | None
+    timeout: int
+
+
+@dataclass
+class ForkedWorker:
+    """The agent's handle on a forked worker: its pid and the agent ends of its pipes."""
+
+    launch: WorkerLaunch
+    pid: int
+    control: Channel
+    stdout: int
+    stderr: int
+
+
+def fork_worker(launch: WorkerLaunch, payload: bytes, keep_fds: tuple[int, ...] = ()) -> ForkedWorker:
+    """Fork a worker. In the parent, return its handle; the child never returns."""
+    agent_end, worker_end = socket.socketpair()
+    out_r, out_w = os.pipe()
+    err_r, err_w = os.pipe()
+    agent_pid = os.getpid()
+    pid = os.fork()
+    if pid == 0:  # child
+        try:
+            agent_end.close()
+            os.close(out_r)
+            os.close(err_r)
+            _prepare_process(agent_pid, out_w, err_w, keep=(worker_end.fileno(), *keep_fds))
+            _run(launch, payload, Channel(worker_end))
+        finally:
+            os._exit(70)  # only reached if _run itself broke
+    worker_end.close()
+    os.close(out_w)
+    os.close(err_w)
+    for fd in (out_r, err_r):
+        os.set_blocking(fd, False)
+    try:
+        os.setpgid(pid, pid)  # also done in the child; whichever runs first wins the race
+    except OSError:
+        pass
+    return ForkedWorker(launch, pid, Channel(agent_end), out_r, err_r)
+
+
+def _prepare_process(agent_pid: int, out_w: int, err_w: int, keep: tuple[int, ...]) -> None:
+    os.setpgid(0, 0)  # our own process group, so the agent can kill us with our children
+    _proc.die_with_parent(signal.SIGKILL)
+    if os.getppid() != agent_pid:  # the agent died before prctl took effect
+        os._exit(1)
+    signal.set_wakeup_fd(-1)
+    for sig in (signal.SIGCHLD, signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+        signal.signal(sig, signal.SIG_DFL)
+    os.dup2(out_w, 1)
+    os.dup2(err_w, 2)
+    # Drop every descriptor inherited from the agent (its connection to the launcher,
+    # other workers' pipes) except ours.
+    keep_sorted = sorted(fd for fd in set(keep) if fd > 2)
+    low = 3
+    for fd in keep_sorted:
+        os.closerange(low, fd)
+        low = fd + 1
+    os.closerange(low, os.sysconf("SC_OPEN_MAX"))
+    sys.stdout = _line_stream(1)
+    sys.stderr = _line_stream(2)
+
+
+def _line_stream(fd: int) -> io.TextIOWrapper:
+    # Write-through, so a line printed right before a crash is already in the pipe.
+    raw = io.FileIO(fd, "w", closefd=False)
+    return io.TextIOWrapper(raw, encoding="utf-8", errors="backslashreplace", line_buffering=True, write_through=True)
+
+
+class _LockedChannel:
+    def __init__(self, channel: Channel) -> None:
+        self._channel = channel
+        self._lock = threading.Lock()
+
+    def send(self, header: tuple[Any, ...], blob: bytes = b"") -> None:
+        with self._lock:
+            self._channel.send(header, blob)
+
+
+class _ChannelLogHandler(logging.Handler):
+    """Forwards Python logging records, with their level, to the agent."""
+
+    def __init__(self, channel: _LockedChannel) -> None:
+        super().__init__()
+        self._channel = channel
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            self._channel.send(("log", record.created, record.levelno, record.name, self.format(record)))
+        except Exception:
+            self.handleError(record)
+
+
+def _run(launch: WorkerLaunch, payload: bytes, channel: Channel) -> NoReturn:
+    import cloudpickle
+
+    os.environ.update(launch.env)
+    control = _LockedChannel(channel)
+    _capture_logging(control)
+    exit_code = 0
+    try:
+        func, args, kwargs = cloudpickle.loads(payload)
+        if launch.backend is not None:
+            _init_process_group(launch)
+        result = func(*args, **kwargs)
+        _destroy_process_group()
+        try:
+            blob = cloudpickle.dumps(result)
+        except Exception as e:
+            raise TypeError(
+                f"the return value of rank {launch.rank} (of type {type(result).__qualname__}) "
+                f"cannot be pickled to send it to the launcher: {e}"
+            ) from e
+        control.send(("result", launch.local_rank), blob)
+    except SystemExit as e:  # sys.exit() in a worker is an exit, reported with its code
+        exit_code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+    except BaseException as e:
+        _send_exception(control, launch, e)
+        exit_code = EXIT_RAISED
+    finally:
+        for stream in (sys.stdout, sys.stderr):
+            try:
+                stream.flush()
+            except Exception:
+                pass
+    os._exit(exit_code)
+
+
+def _send_exception(control: _LockedChannel, launch: WorkerLaunch, exc: BaseException) -> None:
+    import cloudpickle
+
+    text = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
+    try:
+        blob = cloudpickle.dumps(exc)
+    except Exception:
+        blob = b""
+    control.send(("error", launch.local_rank, type(exc).__qualname__, str(exc), text), blob)
+
+
+def _capture_logging(control: _LockedChannel) -> None:
+    level = os.environ.get("TORCHRUNX_LOG_LEVEL", "INFO").upper()
+    handler = _ChannelLogHandler(control)
+    handler.setFormatter(logging.Formatter("%(message)s"))
+    root = logging.getLogger()
+    root.addHandler(handler)
+    root.setLevel(logging.getLevelName(level) if isinstance(logging.getLevelName(level), int) else logging.INFO)
+    logging.captureWarnings(True)
+
+
+def _init_process_group(launch: WorkerLaunch) -> None:
+    import torch
+    import torch.distributed as dist
+
+    backend = launch.backend
+    cuda = torch.cuda.is_available()
+    if backend == "auto":
+        backend = "nccl" if cuda else "gloo"
+    if cuda:
+        torch.cuda.set_device(launch.local_rank)
+    timeout = timedelta(seconds=launch.timeout)
+    world_size = int(os.environ["WORLD_SIZE"])
+    store = dist.TCPStore(
+        os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world_size, False, timeout
+    )
+    dist.init_process_group(backend, store=store, rank=launch.rank, world_size=world_size, timeout=timeout)
+
+
+def _destroy_process_group() -> None:
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()

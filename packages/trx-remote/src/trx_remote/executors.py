@@ -1,0 +1,127 @@
+"""Node executors: `LocalExecutor` for this machine, `AutoExecutor` choosing per host."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import tempfile
+from typing import TYPE_CHECKING, Any
+
+from trx_core import AgentProcess, AgentSpec
+
+from .command import agent_argv
+from .hosts import is_local_host
+
+if TYPE_CHECKING:
+    from trx_core import Launcher, NodeExecutor
+
+__all__ = ["AutoExecutor", "LocalAgentProcess", "LocalExecutor"]
+
+# Variables a login shell would have; everything else reaches the agent only through env_vars.
+_BASE_ENV = ("HOME", "USER", "LOGNAME", "SHELL", "LANG", "LANGUAGE", "LC_ALL", "LC_CTYPE", "TZ", "TMPDIR", "TERM")
+_STOP_WAIT_S = 2.0
+
+
+class LocalAgentProcess:
+    """An agent running on this machine, in a session of its own."""
+
+    def __init__(self, spec: AgentSpec) -> None:
+        env = {k: os.environ[k] for k in _BASE_ENV if k in os.environ}
+        env.setdefault("PATH", os.defpath)
+        env.update(spec.env)
+        self._output = tempfile.TemporaryFile()
+        self._popen = subprocess.Popen(
+            agent_argv(spec),
+            stdin=subprocess.PIPE,
+            stdout=self._output,
+            stderr=subprocess.STDOUT,
+            env=env,
+            start_new_session=True,  # Ctrl-C in the launcher's terminal is the launcher's to handle
+        )
+        self._pidfd = os.pidfd_open(self._popen.pid)
+        assert self._popen.stdin is not None
+        try:
+            self._popen.stdin.write(spec.stdin)
+            self._popen.stdin.close()
+        except BrokenPipeError:
+            pass  # it died already; poll() says how
+
+    def fileno(self) -> int:
+        return self._pidfd
+
+    def poll(self) -> str | None:
+        code = self._popen.poll()
+        if code is None:
+            return None
+        how = f"killed by signal {signal.Signals(-code).name}" if code < 0 else f"exited with code {code}"
+        self._output.seek(0)
+        tail = self._output.read()[-4000:].decode("utf-8", "replace").strip()
+        return f"the agent {how}" + (f": {tail}" if tail else "")
+
+    def stop(self) -> None:
+        if self._popen.poll() is None:
+            self._popen.send_signal(signal.SIGTERM)  # the agent kills its workers, then exits
+            try:
+                self._popen.wait(_STOP_WAIT_S)
+            except subprocess.TimeoutExpired:
+                pass
+        _kill_session(self._popen.pid)  # whatever is left, e.g. after the agent was SIGKILLed
+        self._popen.wait()
+        if self._pidfd >= 0:
+            os.close(self._pidfd)
+            self._pidfd = -1
+        self._output.close()
+
+
+def _kill_session(sid: int) -> None:
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[3]) == sid:  # field 6 of stat: the session id
+            try:
+                os.kill(int(entry), signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+
+
+class LocalExecutor:
+    """Starts agents as child processes of the launcher. Only for this machine."""
+
+    def __init__(self, launcher: Launcher | None = None) -> None:
+        self.launcher = launcher
+
+    def launcher_address(self, hostname: str) -> str:
+        return "127.0.0.1"
+
+    def start(self, spec: AgentSpec) -> AgentProcess:
+        return LocalAgentProcess(spec)
+
+
+class AutoExecutor:
+    """Local for this machine's own names and addresses, SSH for every other host."""
+
+    def __init__(self, launcher: Launcher) -> None:
+        self.launcher = launcher
+        self._local = LocalExecutor(launcher)
+        self._ssh: Any = None
+
+    def _for(self, hostname: str) -> NodeExecutor:
+        if is_local_host(hostname):
+            return self._local
+        if self._ssh is None:
+            from .ssh import SSHExecutor
+
+            self._ssh = SSHExecutor(self.launcher)
+        return self._ssh  # type: ignore[no-any-return]
+
+    def launcher_address(self, hostname: str) -> str:
+        return self._for(hostname).launcher_address(hostname)
+
+    def start(self, spec: AgentSpec) -> AgentProcess:
+        return self._for(spec.hostname).start(spec)

@@ -32,6 +32,7 @@ from .worker import ForkedWorker, WorkerLaunch, fork_worker
 
 _READ_SIZE = 1 << 16
 _MAX_LINE = 1 << 16
+_MAX_DRAIN_READS = 256  # 16 MiB
 
 # A record as it travels: (time, local_rank, stream, level, message, logger)
 Record = tuple[float, int | None, str, int, str, str]
@@ -46,23 +47,53 @@ def _raise_terminate(signum: int, frame: Any) -> None:
 
 
 class _LineSplitter:
-    """Cuts a byte stream into text lines; a carriage return also ends a line (progress bars)."""
+    """Cuts a worker's byte stream into text lines, for one record per line.
+
+    ``\n`` ends a line (blank lines are kept: they are output too). A carriage return also
+    ends a line, so each state of a progress bar (tqdm) becomes a readable record as soon as
+    it is drawn, and blank pieces between carriage returns (a bar erasing itself) are
+    dropped. ``\r\n`` is one line end even when split across two reads. A line longer than
+    `_MAX_LINE` bytes is cut (at a UTF-8 character boundary), so no line holds memory unbounded.
+    """
 
     def __init__(self) -> None:
         self._pending = b""
+        self._after_cr = False
 
     def feed(self, data: bytes) -> list[str]:
-        data = self._pending + data
-        parts = data.replace(b"\r\n", b"\n").replace(b"\r", b"\n").split(b"\n")
-        self._pending = parts.pop()
-        if len(self._pending) > _MAX_LINE:
-            parts.append(self._pending)
-            self._pending = b""
-        return [p.decode("utf-8", "backslashreplace") for p in parts if p]
+        if self._after_cr and data.startswith(b"\n"):
+            data = data[1:]
+        if data:
+            self._after_cr = data.endswith(b"\r")
+        *lines, rest = (self._pending + data).split(b"\n")
+        pieces: list[bytes] = []
+        for line in lines:
+            pieces.extend(_cr_pieces(line) if b"\r" in line else (line,))
+        if b"\r" in rest:
+            done, _, rest = rest.rpartition(b"\r")
+            pieces.extend(_cr_pieces(done))
+        while len(rest) > _MAX_LINE:
+            cut = _utf8_boundary(rest, _MAX_LINE)
+            pieces.append(rest[:cut])
+            rest = rest[cut:]
+        self._pending = rest
+        return [p.decode("utf-8", "backslashreplace") for p in pieces]
 
     def flush(self) -> list[str]:
+        """The unterminated rest of the stream (at its end, or when its writer is gone)."""
         rest, self._pending = self._pending, b""
-        return [rest.decode("utf-8", "backslashreplace")] if rest else []
+        return [rest.decode("utf-8", "backslashreplace")] if rest.strip() else []
+
+
+def _cr_pieces(line: bytes) -> list[bytes]:
+    return [p for p in line.split(b"\r") if p.strip()]
+
+
+def _utf8_boundary(data: bytes, limit: int) -> int:
+    cut = limit
+    while cut > limit - 4 and (data[cut] & 0xC0) == 0x80:  # a continuation byte: back up
+        cut -= 1
+    return cut if cut > limit - 4 else limit
 
 
 class Agent:
@@ -140,20 +171,19 @@ class Agent:
             self._flush_logs()
             self.launcher.send(header, blob)
 
-    def _from_worker_pipe(self, fd: int, worker: ForkedWorker, stream: str) -> None:
+    def _from_worker_pipe(self, fd: int, worker: ForkedWorker, stream: str) -> bool:
+        """Read once from a worker's pipe; False if it had nothing to read right now."""
         try:
             data = os.read(fd, _READ_SIZE)
         except BlockingIOError:
-            return
+            return False
         splitter = self.splitters[fd]
-        lines = splitter.feed(data) if data else splitter.flush()
-        now = time.time()
-        rank = worker.launch.local_rank
-        self.pending_logs.extend((now, rank, stream, logging.INFO, line, "") for line in lines)
+        self._add_lines(worker, stream, splitter.feed(data) if data else splitter.flush())
         if not data:
             self.selector.unregister(fd)
             os.close(fd)
             del self.splitters[fd]
+        return True
 
     def _drain_wakeups(self) -> None:
         try:
@@ -183,11 +213,22 @@ class Agent:
                 break
             self._from_worker_control(worker)
         for fd, stream in ((worker.stdout, "stdout"), (worker.stderr, "stderr")):
-            while fd in self.splitters:
-                before = len(self.pending_logs)
-                self._from_worker_pipe(fd, worker, stream)
-                if fd in self.splitters and len(self.pending_logs) == before:
-                    break  # nothing more for now (a child of the worker may still hold the pipe)
+            # Until the pipe is empty (or closed), but bounded: a child of the worker may
+            # still hold the pipe and keep writing; the selector loop takes over from here.
+            for _ in range(_MAX_DRAIN_READS):
+                if fd not in self.splitters or not self._from_worker_pipe(fd, worker, stream):
+                    break
+                self._flush_logs()
+
+    def _flush_partial_lines(self, worker: ForkedWorker) -> None:
+        """Emit what a dead worker wrote without a final newline (its pipe may stay open)."""
+        for fd, stream in ((worker.stdout, "stdout"), (worker.stderr, "stderr")):
+            if fd in self.splitters:
+                self._add_lines(worker, stream, self.splitters[fd].flush())
+
+    def _add_lines(self, worker: ForkedWorker, stream: str, lines: list[str]) -> None:
+        now, local_rank = time.time(), worker.launch.local_rank
+        self.pending_logs.extend((now, local_rank, stream, logging.INFO, line, "") for line in lines)
 
     # -- output -----------------------------------------------------------------------
     def _agent_log(self, message: str, level: int = logging.INFO) -> None:
@@ -200,7 +241,12 @@ class Agent:
 
     # -- teardown ---------------------------------------------------------------------
     def stop(self) -> None:
-        """Kill every process we started, then forward what they wrote."""
+        """Kill every process we started, then forward what they wrote.
+
+        Workers that already died on their own are reported first, with their real exit
+        status: a crash is usually the cause of the errors its peers raise.
+        """
+        self._reap()
         for pid in self.workers:
             try:
                 os.killpg(pid, signal.SIGKILL)
@@ -209,6 +255,7 @@ class Agent:
         _proc.kill_descendants()
         for worker in self.workers.values():
             self._drain_worker(worker)
+            self._flush_partial_lines(worker)
         self._flush_logs()
 
     def close(self) -> None:
@@ -284,4 +331,9 @@ def _import_torch() -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    code = main()
+    # Skip interpreter finalisation (torch's teardown alone takes a few hundred ms): everything
+    # we own is already closed, and the launcher is waiting for us to be gone.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)

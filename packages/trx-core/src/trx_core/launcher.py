@@ -63,12 +63,24 @@ class Launcher:
     ssh_config_file: Path | None = None
     """OpenSSH-format config used to reach hosts (default: ``~/.ssh/config``)."""
 
+    launcher_address: str | None = None
+    """The address at which agents and workers reach this machine (default: chosen per host,
+    this machine's address on the route to that host). Set it when routes mislead, e.g. behind NAT."""
+
     backend: Backend | None = "auto"
     """Backend of the workers' process group; ``auto``: nccl with CUDA, else gloo; None: no group."""
 
     logs: Path | None = field(default_factory=_default_logs)
     """Folder for the run's log files (default ``$TORCHRUNX_LOG_DIR`` or ``./torchrunx_logs``);
     None: write no files."""
+
+    log_console: Literal["stdout", "stderr"] | None = "stdout"
+    """Where the launcher shows agent 0's log (its messages and rank 0's output) as it happens;
+    None: nowhere."""
+
+    log_format: Literal["text", "jsonl"] = "text"
+    """How log files render each record: ``text`` (``.log`` files, for people) or ``jsonl``
+    (``.jsonl`` files, one JSON object per line, for machines)."""
 
     env_vars: tuple[str, ...] = DEFAULT_ENV_VARS
     """Launcher environment variables copied to agents and workers (fnmatch patterns)."""

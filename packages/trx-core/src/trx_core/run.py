@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import TYPE_CHECKING, Any
 
+from . import _pickling
 from .channel import AuthenticationFailed, Channel, ChannelClosed, send_challenge, verify_answer
 from .errors import AgentFailedError, ConfigurationError, WorkerError, WorkerFailedError, attach_remote_traceback
 from .executor import AgentProcess, AgentSpec, NodeExecutor, resolve_executor
@@ -33,6 +34,7 @@ if TYPE_CHECKING:
 
 _STOP_GRACE_S = 3.0
 _HANDSHAKE_TIMEOUT_S = 2.0
+_GATHER_S = 0.05
 
 
 def execute(launcher: Launcher, func: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]) -> LaunchResult:
@@ -49,12 +51,10 @@ def execute(launcher: Launcher, func: Callable[..., Any], args: tuple[Any, ...],
 
 
 def _pickle_payload(func: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]) -> bytes:
-    import cloudpickle
-
     if not callable(func):
         raise ConfigurationError(f"func must be callable, got {type(func).__qualname__}")
     try:
-        return cloudpickle.dumps((func, args, kwargs))
+        return _pickling.dumps((func, args, kwargs))
     except Exception as e:
         raise ConfigurationError(
             f"cannot send {getattr(func, '__qualname__', func)!r} and its arguments to the workers, "
@@ -120,11 +120,14 @@ class _Run:
         self.exits: dict[int, str] = {}
         self.failures: list[_Failure] = []
         self.stopping = False
+        self.stop_at: float | None = None  # when to stop all agents, once something failed
+        self.stop_deadline = 0.0
+        self.start_deadline = 0.0
         self.pipeline_open = False
 
     # -- the run ----------------------------------------------------------------------
     def execute(self) -> LaunchResult:
-        addresses = {a.hostname: self.executor.launcher_address(a.hostname) for a in self.agents}
+        addresses = {a.hostname: self._launcher_address(a.hostname) for a in self.agents}
         bind_host = "127.0.0.1" if all(_is_loopback(x) for x in addresses.values()) else ""
         self.listener = socket.create_server((bind_host, 0), backlog=len(self.agents) + 8)
         self.selector.register(self.listener, selectors.EVENT_READ, ("listener", None))
@@ -132,16 +135,9 @@ class _Run:
         if self.launcher.backend is not None:
             self.store = _start_store(bind_host or "0.0.0.0", self.launcher.timeout)
         self._start_agents(addresses, port)
-        deadline = time.monotonic() + self.launcher.timeout
+        self.start_deadline = time.monotonic() + self.launcher.timeout
         while not self._done():
-            waiting = not (self.stopping or self._all_started())
-            remaining = (deadline if waiting else float("inf")) - time.monotonic()
-            if remaining <= 0:
-                missing = [a.hostname for a in self.agents if a.hello is None]
-                self._fail(AgentFailedError(missing[0], f"did not connect within {self.launcher.timeout} s"), "")
-                continue
-            events = self.selector.select(min(remaining, 3600))
-            for key, _ in events:
+            for key, _ in self.selector.select(self._next_timeout()):
                 kind, agent = key.data
                 if kind == "listener":
                     self._accept()
@@ -151,11 +147,31 @@ class _Run:
                     self._from_agent(agent)
                 elif kind == "process":
                     self._agent_process_ended(agent)
-            if self.stopping and time.monotonic() > self.stop_deadline:
+            now = time.monotonic()
+            if self.stopping and now > self.stop_deadline:
                 break
+            if self.stop_at is not None and now >= self.stop_at:
+                self._stop_all()
+            if not (self.stopping or self._all_started()) and now > self.start_deadline:
+                missing = [a.hostname for a in self.agents if a.hello is None]
+                self._fail(AgentFailedError(missing[0], f"did not connect within {self.launcher.timeout} s"), "")
+                self._stop_all()
         if self.failures:
             raise _combined(self.failures)
         return self._result()
+
+    def _launcher_address(self, hostname: str) -> str:
+        return self.launcher.launcher_address or self.executor.launcher_address(hostname)
+
+    def _next_timeout(self) -> float | None:
+        now = time.monotonic()
+        if self.stopping:
+            return max(0.0, self.stop_deadline - now)
+        if self.stop_at is not None:
+            return max(0.0, self.stop_at - now)
+        if not self._all_started():
+            return max(0.0, self.start_deadline - now)
+        return None
 
     def _done(self) -> bool:
         if self.stopping:
@@ -246,7 +262,7 @@ class _Run:
         agent0 = self.agents[0]
         for agent, count in zip(self.agents, counts):
             if self.store is not None:
-                master_addr, master_port = self.executor.launcher_address(agent.hostname), self.store.port
+                master_addr, master_port = self._launcher_address(agent.hostname), self.store.port
             else:  # no process group of ours: the user's own rendezvous on host 0
                 master_addr, master_port = _host0_address(agent0), agent0.hello[6]  # type: ignore[index]
             launches = []
@@ -264,7 +280,9 @@ class _Run:
                     "MASTER_ADDR": master_addr,
                     "MASTER_PORT": str(master_port),
                 }
-                launches.append(WorkerLaunch(rank, local_rank, env, self.launcher.backend, self.launcher.timeout))
+                launches.append(
+                    WorkerLaunch(rank, local_rank, env, self.launcher.backend, self.launcher.timeout, tuple(sys.path))
+                )
             assert agent.channel is not None
             agent.channel.send(("start", launches), self.payload)
 
@@ -314,7 +332,7 @@ class _Run:
         if rank in self.exits:
             return
         self.exits[rank] = how
-        if rank not in self.results and not self.stopping:
+        if rank not in self.results:
             error = WorkerFailedError(agent.hostname, local_rank, rank, how)
             self._fail(error, str(error))
 
@@ -344,7 +362,11 @@ class _Run:
     # -- stopping ---------------------------------------------------------------------
     def _fail(self, exception: BaseException, summary: str) -> None:
         self.failures.append(_Failure(exception, summary))
-        self._stop_all()
+        if self.stop_at is None:
+            # Ranks hitting the same bug raise within moments of each other: gather them
+            # briefly so that one error reports them all. A death needs no such wait.
+            raised = not isinstance(exception, (WorkerFailedError, AgentFailedError))
+            self.stop_at = time.monotonic() + (_GATHER_S if raised else 0.0)
 
     def _stop_all(self) -> None:
         if self.stopping:
@@ -438,11 +460,18 @@ def _add_note(exc: BaseException, note: str) -> None:
 
 
 def _combined(failures: list[_Failure]) -> BaseException:
-    first = failures[0].exception
-    for other in failures[1:]:
-        if other.summary:
-            _add_note(first, f"also failed: {other.summary}")
-    return first
+    """One exception for all failures. A dead agent or worker is the likely cause of what
+    its peers raised (connection reset in a collective...), so it is preferred; otherwise the
+    first to arrive. The others are attached as notes."""
+
+    def precedence(f: _Failure) -> int:
+        return {AgentFailedError: 0, WorkerFailedError: 1}.get(type(f.exception), 2)
+
+    primary = min(failures, key=precedence)  # min is stable: first arrival among equals
+    for other in failures:
+        if other is not primary and other.summary:
+            _add_note(primary.exception, f"also failed: {other.summary}")
+    return primary.exception
 
 
 logging.getLogger(__name__).addHandler(logging.NullHandler())

@@ -39,6 +39,8 @@ class WorkerLaunch:
     env: Mapping[str, str]
     backend: str | None
     timeout: int
+    sys_path: tuple[str, ...] = ()
+    """The launcher's ``sys.path``: what imports there, imports here (same paths permitting)."""
 
 
 @dataclass
@@ -127,7 +129,9 @@ class _ChannelLogHandler(logging.Handler):
 
     def emit(self, record: logging.LogRecord) -> None:
         try:
-            self._channel.send(("log", record.created, record.levelno, record.name, self.format(record)))
+            # A formatted warning ends with a newline (and its source line): not part of the message.
+            message = self.format(record).rstrip("\n")
+            self._channel.send(("log", record.created, record.levelno, record.name, message))
         except Exception:
             self.handleError(record)
 
@@ -136,6 +140,7 @@ def _run(launch: WorkerLaunch, payload: bytes, channel: Channel) -> NoReturn:
     import cloudpickle
 
     os.environ.update(launch.env)
+    sys.path[:] = [*launch.sys_path, *(p for p in sys.path if p not in launch.sys_path)]
     control = _LockedChannel(channel)
     _capture_logging(control)
     exit_code = 0
@@ -179,12 +184,15 @@ def _send_exception(control: _LockedChannel, launch: WorkerLaunch, exc: BaseExce
 
 
 def _capture_logging(control: _LockedChannel) -> None:
-    level = os.environ.get("TORCHRUNX_LOG_LEVEL", "INFO").upper()
+    """Forward every logging record at or above ``$TORCHRUNX_LOG_LEVEL`` (default INFO), and
+    warnings, to the agent: no logging setup needed in the user's function."""
+    name = os.environ.get("TORCHRUNX_LOG_LEVEL", "INFO").strip().upper()
+    level = int(name) if name.isdigit() else logging.getLevelName(name)
     handler = _ChannelLogHandler(control)
     handler.setFormatter(logging.Formatter("%(message)s"))
     root = logging.getLogger()
     root.addHandler(handler)
-    root.setLevel(logging.getLevelName(level) if isinstance(logging.getLevelName(level), int) else logging.INFO)
+    root.setLevel(level if isinstance(level, int) else logging.INFO)
     logging.captureWarnings(True)
 
 
@@ -204,6 +212,10 @@ def _init_process_group(launch: WorkerLaunch) -> None:
         os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world_size, False, timeout
     )
     dist.init_process_group(backend, store=store, rank=launch.rank, world_size=world_size, timeout=timeout)
+    if backend != "nccl":
+        # Gloo connects its full mesh during init; a rank whose function returns at once would
+        # otherwise close its sockets while a peer is still connecting to it.
+        dist.barrier()
 
 
 def _destroy_process_group() -> None:

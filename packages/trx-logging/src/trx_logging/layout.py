@@ -1,0 +1,131 @@
+"""The torchrunx log layout: trx-core's `LogPipeline` that writes files, the console and sinks.
+
+Per run, in the launcher's ``logs`` folder: one file per agent (its own messages and its
+local worker 0's output) and one per worker. Agent 0's log (so also global rank 0's
+output) is rendered on the launcher's console as it happens. Records are written through
+as they arrive, so a file holds every line that reached the launcher, even if the
+launcher itself is killed afterwards.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Literal
+
+from trx_core import ConfigurationError, LogRecord, RunInfo
+
+from .files import RunFiles
+from .processors import CONSOLE_CHAIN, JSONL_CHAIN, LEVELLED_STREAMS, TEXT_CHAIN, Processor, event_dict, render
+from .sinks import registered_sinks
+
+if TYPE_CHECKING:
+    from trx_core import Launcher
+
+__all__ = ["LogLayout", "factory"]
+
+Console = Literal["stdout", "stderr"]
+FileFormat = Literal["text", "jsonl"]
+
+_SUFFIXES: dict[str, str] = {"text": ".log", "jsonl": ".jsonl"}
+_CHAINS: dict[str, list[Processor]] = {"text": TEXT_CHAIN, "jsonl": JSONL_CHAIN}
+
+
+class LogLayout:
+    """Writes each record of a run to its files, agent 0's records to the console, and every
+    record to the user's sinks.
+
+    `folder` None: no files. `console` names the ``sys`` stream (looked up at each write, so
+    `contextlib.redirect_stdout` works); None: no console. Records of the ``logging`` and
+    ``agent`` streams below `level` are dropped; captured output is always kept.
+    """
+
+    def __init__(
+        self,
+        folder: Path | None,
+        *,
+        console: Console | None = "stdout",
+        file_format: FileFormat = "text",
+        level: int = logging.INFO,
+        sinks: Sequence[Callable[[LogRecord], object]] = (),
+    ) -> None:
+        self.folder = folder
+        self._console = console
+        self._suffix = _SUFFIXES[file_format]
+        self._chain = _CHAINS[file_format]
+        self._level = level
+        self._sinks = tuple(sinks)
+        self._files: RunFiles | None = None
+        self._host0 = ""
+
+    @property
+    def paths(self) -> list[Path]:
+        """The files of the current (or last) run."""
+        return self._files.paths() if self._files is not None else []
+
+    def open(self, run: RunInfo) -> None:
+        self._host0 = run.hostnames[0]
+        if self.folder is not None:
+            self._files = RunFiles.claim(self.folder, run.start, run.hostnames, run.workers_per_host, self._suffix)
+
+    def emit(self, record: LogRecord) -> None:
+        if record.level < self._level and record.stream in LEVELLED_STREAMS:
+            return
+        in_agent_log = record.local_rank is None or record.local_rank == 0
+        if self._files is not None:
+            line = (render(self._chain, event_dict(record)) + "\n").encode("utf-8", "backslashreplace")
+            _write(self._files.fd(record.hostname, record.local_rank), line)
+            if record.local_rank == 0:
+                _write(self._files.fd(record.hostname, None), line)
+        if self._console is not None and in_agent_log and record.hostname == self._host0:
+            stream = getattr(sys, self._console)
+            stream.write(render(CONSOLE_CHAIN, event_dict(record)) + "\n")
+            stream.flush()
+        for sink in self._sinks:
+            sink(record)
+
+    def close(self) -> None:
+        if self._files is not None:
+            self._files.close()
+
+
+def factory(launcher: Launcher) -> LogLayout:
+    """The ``default`` entry point of ``torchrunx.log_pipelines``: the layout `launcher` asks for.
+
+    Reads ``logs``, ``log_console`` and ``log_format`` from the launcher, the level from
+    ``$TORCHRUNX_LOG_LEVEL`` (default INFO), and takes the sinks registered with `add_sink`.
+    """
+    console = getattr(launcher, "log_console", "stdout")
+    file_format = getattr(launcher, "log_format", "text")
+    if console not in ("stdout", "stderr", None):
+        raise ConfigurationError(f"log_console={console!r} is not valid: use 'stdout', 'stderr' or None")
+    if file_format not in _SUFFIXES:
+        raise ConfigurationError(f"log_format={file_format!r} is not valid: use 'text' or 'jsonl'")
+    folder = Path(launcher.logs).expanduser() if launcher.logs is not None else None
+    if folder is not None and folder.exists() and not folder.is_dir():
+        raise ConfigurationError(f"logs={str(folder)!r} is not a folder: pass a folder, or None for no log files")
+    return LogLayout(
+        folder, console=console, file_format=file_format, level=level_from_env(), sinks=registered_sinks()
+    )
+
+
+def level_from_env() -> int:
+    """``$TORCHRUNX_LOG_LEVEL`` as a number (a name such as ``DEBUG``, or a number); INFO if unset."""
+    value = os.environ.get("TORCHRUNX_LOG_LEVEL", "INFO").strip().upper()
+    if value.isdigit():
+        return int(value)
+    level = logging.getLevelName(value)
+    if not isinstance(level, int):
+        raise ConfigurationError(
+            f"TORCHRUNX_LOG_LEVEL={value!r} is not a level: use DEBUG, INFO, WARNING, ERROR or CRITICAL"
+        )
+    return level
+
+
+def _write(fd: int, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view) :]

@@ -141,6 +141,7 @@ def _run(launch: WorkerLaunch, payload: bytes, channel: Channel) -> NoReturn:
 
     os.environ.update(launch.env)
     sys.path[:] = [*launch.sys_path, *(p for p in sys.path if p not in launch.sys_path)]
+    _share_cpu_threads(launch)
     control = _LockedChannel(channel)
     _capture_logging(control)
     exit_code = 0
@@ -170,6 +171,20 @@ def _run(launch: WorkerLaunch, payload: bytes, channel: Channel) -> NoReturn:
             except Exception:
                 pass
     os._exit(exit_code)
+
+
+def _share_cpu_threads(launch: WorkerLaunch) -> None:
+    """Give each worker its share of the host's cores for torch's intra-op threads.
+
+    Otherwise every worker starts one thread per core and N workers oversubscribe the host
+    N times over. An explicit ``OMP_NUM_THREADS`` (forwarded by the default ``env_vars``) wins.
+    """
+    if "OMP_NUM_THREADS" in os.environ:
+        return
+    import torch
+
+    local_world_size = int(launch.env.get("LOCAL_WORLD_SIZE", "1"))
+    torch.set_num_threads(max(1, len(os.sched_getaffinity(0)) // max(1, local_world_size)))
 
 
 def _send_exception(control: _LockedChannel, launch: WorkerLaunch, exc: BaseException) -> None:

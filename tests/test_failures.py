@@ -126,3 +126,15 @@ def return_a_lock() -> object:
 def test_a_return_value_that_cannot_be_pickled_names_the_rank_and_type(local: dict[str, Any]) -> None:
     with pytest.raises(TypeError, match="return value of rank 0 \\(of type lock\\) cannot be pickled"):
         trx.launch(return_a_lock, workers_per_host=1, **local)
+
+
+def quick() -> int:
+    return dist.get_rank()
+
+
+def test_back_to_back_short_runs_never_trip_over_their_own_teardown(local: dict[str, Any]) -> None:
+    # Workers that finish together close their pipes and sockets in one burst of events; a
+    # handler must never act on a descriptor an earlier handler of the same burst closed.
+    launcher = trx.Launcher(workers_per_host=4, **local)
+    for _ in range(8):
+        assert dict(launcher.run(quick)) == {0: 0, 1: 1, 2: 2, 3: 3}

@@ -148,3 +148,29 @@ def test_seed_example_run_with_empty_kwargs(local: dict[str, Any], capsys: pytes
 
 def print_hello() -> None:
     print("Hello world!")
+
+
+def assorted_tensors() -> dict[str, Any]:
+    base = torch.arange(50_000, dtype=torch.float32)
+    return {
+        "bf16": torch.ones(40_000, dtype=torch.bfloat16),
+        "matrix": torch.arange(60_000, dtype=torch.int64).reshape(300, 200),
+        "transposed": torch.arange(60_000, dtype=torch.float64).reshape(300, 200).t(),
+        "base": base,
+        "view_of_base": base[10:20],
+        "param": torch.nn.Parameter(torch.ones(20_000)),
+        "small": torch.tensor([1, 2, 3]),
+    }
+
+
+def test_returned_tensors_keep_dtype_layout_sharing_and_are_writable(local: dict[str, Any]) -> None:
+    got = trx.launch(assorted_tensors, workers_per_host=1, **local)[0]
+    want = assorted_tensors()
+    for name, tensor in want.items():
+        assert got[name].dtype == tensor.dtype and torch.equal(got[name], tensor), name
+    assert isinstance(got["param"], torch.nn.Parameter) and got["param"].requires_grad
+    assert got["transposed"].stride() == want["transposed"].stride()
+    got["base"][15] = -1.0  # a view keeps sharing its base's memory, as it did in the worker
+    assert got["view_of_base"][5].item() == -1.0
+    got["matrix"].add_(1)  # tensors built over received bytes are ordinary, writable tensors
+    assert got["matrix"][0, 0].item() == 1

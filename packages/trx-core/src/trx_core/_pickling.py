@@ -1,22 +1,37 @@
-"""cloudpickle, keeping the source file names of functions pickled by value.
+"""How user objects (the function and its arguments, return values, exceptions) travel.
 
-cloudpickle >= 3.1 renames the file of every code object it pickles by value to
-``<dynamic-code>``, so a traceback from a worker running a function of the user's script
-would show no file and no source line. We put the real file name back.
+cloudpickle, with two changes:
+
+- Code objects pickled by value keep their source file name. cloudpickle >= 3.1 renames it
+  ``<dynamic-code>``, so a traceback from a worker running a function of the user's script
+  would show no file and no source line.
+- The memory of plain CPU tensors travels out of band (pickle protocol 5): it is sent
+  straight from the tensor and the receiving tensor is built over the received bytes, so a
+  100 MB tensor is copied by neither pickling nor unpickling.
+
+`dumps` returns the parts of a blob (to be sent in order, never joined); `loads` takes the
+blob as received, in one piece.
 """
 
 from __future__ import annotations
 
+import ctypes
 import io
+import pickle
+import struct
 import types
 from collections import ChainMap
 from typing import Any
 
 import cloudpickle
 
-__all__ = ["dumps"]
+__all__ = ["dumps", "loads"]
 
 _code_reduce = getattr(getattr(cloudpickle, "cloudpickle", None), "_code_reduce", None)
+_COUNT = struct.Struct("!I")
+_SIZE = struct.Struct("!Q")
+_ALIGN = 64  # out-of-band buffers start at multiples of this in the blob
+_MIN_OUT_OF_BAND = 64 * 1024  # smaller tensors are cheaper in band
 
 
 def _code_reduce_keeping_filename(code: types.CodeType) -> Any:
@@ -26,13 +41,114 @@ def _code_reduce_keeping_filename(code: types.CodeType) -> Any:
     return constructor, args
 
 
+def _rebuild_storage(buffer: Any) -> Any:
+    import torch
+
+    data = memoryview(buffer)
+    if data.readonly:  # pickled in band: bytes, which a tensor must not write into
+        data = memoryview(bytearray(data))
+    return torch.frombuffer(data, dtype=torch.uint8).untyped_storage()
+
+
+def _rebuild_tensor(storage: Any, dtype: Any, offset: int, size: tuple[int, ...], stride: tuple[int, ...]) -> Any:
+    import torch
+
+    return torch.empty(0, dtype=dtype).set_(storage, offset, size, stride)
+
+
+class _OutOfBandStorage:
+    """Stands for one tensor storage in a pickle; every tensor viewing it refers to this one
+    object, so the pickle memo rebuilds them all over one storage, as they were."""
+
+    def __init__(self, storage: Any) -> None:
+        self.storage = storage  # keeps the memory alive until the blob is sent
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        memory = (ctypes.c_char * self.storage.nbytes()).from_address(self.storage.data_ptr())
+        return _rebuild_storage, (pickle.PickleBuffer(memory),)
+
+
 class _Pickler(cloudpickle.Pickler):  # type: ignore[misc]
     if _code_reduce is not None:
         dispatch_table = ChainMap({types.CodeType: _code_reduce_keeping_filename}, cloudpickle.Pickler.dispatch_table)
 
+    def __init__(self, file: io.BytesIO, buffers: list[pickle.PickleBuffer]) -> None:
+        super().__init__(file, protocol=5, buffer_callback=buffers.append)
+        self.storages: dict[int, _OutOfBandStorage] = {}  # by data pointer
 
-def dumps(obj: Any) -> bytes:
-    """Pickle `obj` like ``cloudpickle.dumps`` (highest protocol), keeping code file names."""
-    buffer = io.BytesIO()
-    _Pickler(buffer, protocol=cloudpickle.DEFAULT_PROTOCOL).dump(obj)
-    return buffer.getvalue()
+    def reducer_override(self, obj: Any) -> Any:
+        if type(obj).__module__ == "torch" and type(obj).__name__ == "Tensor":
+            storage = self._out_of_band_storage(obj)
+            if storage is not None:
+                return _rebuild_tensor, (storage, obj.dtype, obj.storage_offset(), tuple(obj.shape), obj.stride())
+        return super().reducer_override(obj)
+
+    def _out_of_band_storage(self, tensor: Any) -> _OutOfBandStorage | None:
+        """The storage of a plain dense CPU tensor, if it is large enough to go out of band."""
+        import torch
+
+        if (
+            tensor.device.type != "cpu"
+            or tensor.layout != torch.strided
+            or tensor.requires_grad  # torch's own pickling knows what to do with autograd state
+            or tensor.is_quantized
+            or tensor.is_conj()
+            or tensor.is_neg()
+        ):
+            return None
+        storage = tensor.untyped_storage()
+        if storage.nbytes() < _MIN_OUT_OF_BAND:
+            return None
+        key = storage.data_ptr()
+        if key not in self.storages:
+            self.storages[key] = _OutOfBandStorage(storage)
+        return self.storages[key]
+
+
+def dumps(obj: Any) -> list[memoryview]:
+    """Pickle `obj`; the parts of the blob, in order. They point into `obj`: send them before
+    changing it."""
+    file = io.BytesIO()
+    buffers: list[pickle.PickleBuffer] = []
+    pickler = _Pickler(file, buffers)
+    pickler.dump(obj)
+    main = file.getbuffer()
+    raws = [b.raw() for b in buffers]
+    offsets, position = [], _COUNT.size + _SIZE.size * (len(raws) + 1) + main.nbytes
+    for raw in raws:
+        position += -position % _ALIGN
+        offsets.append(position)
+        position += raw.nbytes
+    table = _COUNT.pack(len(raws)) + b"".join(_SIZE.pack(n) for n in (main.nbytes, *(r.nbytes for r in raws)))
+    parts: list[memoryview] = [memoryview(table), main]
+    end = _COUNT.size + _SIZE.size * (len(raws) + 1) + main.nbytes
+    for raw, offset in zip(raws, offsets):
+        if offset > end:
+            parts.append(memoryview(bytes(offset - end)))
+        parts.append(raw)
+        end = offset + raw.nbytes
+    return _Parts(parts, list(pickler.storages.values()))
+
+
+class _Parts(list):  # type: ignore[type-arg]
+    """The parts of a blob, holding on to the storages its buffers point into."""
+
+    def __init__(self, parts: list[memoryview], keep_alive: list[Any]) -> None:
+        super().__init__(parts)
+        self.keep_alive = keep_alive
+
+
+def loads(blob: bytes | bytearray | memoryview) -> Any:
+    """Unpickle a blob made by `dumps`. Out-of-band tensors are built over `blob`'s memory."""
+    view = memoryview(blob)
+    (count,) = _COUNT.unpack_from(view)
+    sizes = [_SIZE.unpack_from(view, _COUNT.size + i * _SIZE.size)[0] for i in range(count + 1)]
+    position = _COUNT.size + _SIZE.size * (count + 1)
+    main = view[position : position + sizes[0]]
+    position += sizes[0]
+    buffers = []
+    for size in sizes[1:]:
+        position += -position % _ALIGN
+        buffers.append(view[position : position + size])
+        position += size
+    return pickle.loads(main, buffers=buffers)

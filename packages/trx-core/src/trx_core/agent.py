@@ -10,13 +10,15 @@ When the launcher says stop, or its connection breaks, or the agent is told to t
 every process the agent started (workers and their children, including orphans, since the
 agent is a child subreaper) is killed and reaped before it exits.
 
-Messages to the launcher: ``hello``, ``logs``, ``result``, ``error``, ``exit``, ``stopped``.
+Messages to the launcher: ``hello``, ``logs``, ``result``, ``error``, ``discard`` (of a
+result or error cut short by its worker's death), ``exit``, ``stopped``.
 Messages from the launcher: ``start`` (with the payload), ``stop``.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import os
 import selectors
@@ -119,6 +121,8 @@ class Agent:
         signal.set_wakeup_fd(self._wake_w, warn_on_full_buffer=False)
         while True:
             for key, _ in self.selector.select():
+                if self.selector.get_map().get(key.fileobj) is not key:
+                    continue  # closed while an earlier event of this batch was handled
                 kind, who = key.data
                 if kind == "launcher":
                     if not self._from_launcher():
@@ -138,7 +142,7 @@ class Agent:
         except ChannelClosed:
             return False  # the launcher is gone: tear down
         if header[0] == "start":
-            self._start_workers(header[1], bytes(blob))
+            self._start_workers(header[1], blob)
             return True
         if header[0] == "stop":
             self.stop()
@@ -146,7 +150,7 @@ class Agent:
             return False
         return True
 
-    def _start_workers(self, launches: list[WorkerLaunch], payload: bytes) -> None:
+    def _start_workers(self, launches: list[WorkerLaunch], payload: bytearray) -> None:
         for launch in launches:
             worker = fork_worker(launch, payload)
             self.workers[worker.pid] = worker
@@ -159,7 +163,7 @@ class Agent:
 
     def _from_worker_control(self, worker: ForkedWorker) -> None:
         try:
-            header, blob = worker.control.recv()
+            header, blob_len = worker.control.recv_header()
         except ChannelClosed:
             self.selector.unregister(worker.control.fileno())
             return
@@ -167,9 +171,10 @@ class Agent:
         if kind == "log":
             _, created, level, logger, message = header
             self.pending_logs.append((created, worker.launch.local_rank, "logging", level, message, logger))
-        else:  # "result" / "error": relay untouched; the blob is only decoded by the launcher
+        else:  # "result" / "error": relayed untouched; the blob is only decoded by the launcher
             self._flush_logs()
-            self.launcher.send(header, blob)
+            if not self.launcher.forward(header, blob_len, worker.control):
+                self.launcher.send(("discard", worker.launch.local_rank))  # the worker died mid-send
 
     def _from_worker_pipe(self, fd: int, worker: ForkedWorker, stream: str) -> bool:
         """Read once from a worker's pipe; False if it had nothing to read right now."""
@@ -198,8 +203,11 @@ class Agent:
             if worker is None:
                 continue  # an orphaned grandchild, re-parented to us
             self._drain_worker(worker)
-            self._flush_logs()
             how = _proc.describe_wait_status(status)
+            launch = worker.launch
+            level = logging.INFO if how == "exit code 0" else logging.ERROR
+            self._agent_log(f"worker rank {launch.rank} (local rank {launch.local_rank}) ended: {how}", level)
+            self._flush_logs()
             self.launcher.send(("exit", worker.launch.local_rank, how))
 
     def _drain_worker(self, worker: ForkedWorker) -> None:
@@ -248,10 +256,8 @@ class Agent:
         """
         self._reap()
         for pid in self.workers:
-            try:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
                 os.killpg(pid, signal.SIGKILL)
-            except (ProcessLookupError, PermissionError):
-                pass
         _proc.kill_descendants()
         for worker in self.workers.values():
             self._drain_worker(worker)
@@ -296,10 +302,8 @@ def main(argv: list[str] | None = None) -> int:
         pass
     finally:
         if agent is not None:
-            try:
+            with contextlib.suppress(ChannelClosed, OSError):
                 agent.stop()
-            except (ChannelClosed, OSError):
-                pass
             agent.close()
         _proc.kill_descendants()
     return 0
@@ -315,7 +319,7 @@ def _free_port() -> int:
 def _import_torch() -> int:
     """Import torch before any worker is forked, so no worker pays for it; count GPUs."""
     import torch
-    import torch.distributed  # noqa: F401
+    import torch.distributed
 
     # Ask NVML rather than the CUDA runtime: this process must not initialise CUDA, or
     # the workers forked from it could not use their GPUs.

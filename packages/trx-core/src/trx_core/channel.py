@@ -31,6 +31,7 @@ __all__ = [
 
 _PREFIX = struct.Struct("!QQ")  # header length, blob length
 _MAX_HEADER = 64 * 1024 * 1024
+_RELAY_CHUNK = 1 << 20
 _NONCE = 32
 _DIGEST = hashlib.sha256
 
@@ -94,25 +95,73 @@ class Channel:
     def fileno(self) -> int:
         return self.sock.fileno()
 
-    def send(self, header: tuple[Any, ...], blob: bytes | bytearray | memoryview = b"") -> None:
-        head = pickle.dumps(header, protocol=pickle.HIGHEST_PROTOCOL)
+    def send(self, header: tuple[Any, ...], *blob: bytes | bytearray | memoryview) -> None:
+        """Send one frame. The blob may come in several parts (sent in order, never joined)."""
+        self._send_head(header, sum(memoryview(part).nbytes for part in blob))
         try:
-            self.sock.sendall(_PREFIX.pack(len(head), len(blob)) + head)
-            if len(blob):
-                self.sock.sendall(blob)
+            for part in blob:
+                self.sock.sendall(part)
         except (BrokenPipeError, ConnectionResetError) as e:
             raise ChannelClosed(str(e)) from e
 
     def recv(self) -> tuple[tuple[Any, ...], bytearray]:
+        """Receive one frame: its header and its blob."""
+        header, blob_len = self.recv_header()
+        try:
+            blob = _recv_exactly(self.sock, blob_len) if blob_len else bytearray()
+        except ConnectionResetError as e:
+            raise ChannelClosed(str(e)) from e
+        return header, blob
+
+    def recv_header(self) -> tuple[tuple[Any, ...], int]:
+        """Receive a frame's header and the length of its blob, which the caller must then
+        take with `forward` (or the frame is not fully read)."""
         try:
             head_len, blob_len = _PREFIX.unpack(_recv_exactly(self.sock, _PREFIX.size))
             if head_len > _MAX_HEADER:
                 raise ChannelClosed(f"malformed frame (header of {head_len} bytes)")
             header = pickle.loads(_recv_exactly(self.sock, head_len))
-            blob = _recv_exactly(self.sock, blob_len) if blob_len else bytearray()
         except ConnectionResetError as e:
             raise ChannelClosed(str(e)) from e
-        return header, blob
+        return header, blob_len
+
+    def forward(self, header: tuple[Any, ...], blob_len: int, source: Channel) -> bool:
+        """Send a frame whose blob is the next `blob_len` bytes of `source`, streamed through a
+        small buffer: a large result is relayed while it is still arriving, and never held whole.
+
+        If `source` closes before its blob is complete, the frame is padded to its announced
+        length (so this channel stays in step) and False is returned: the receiver must be
+        told to discard it. Failures to send raise `ChannelClosed`.
+        """
+        self._send_head(header, blob_len)
+        buf = memoryview(bytearray(min(blob_len, _RELAY_CHUNK)))
+        left = blob_len
+        while left:
+            try:
+                n = source.sock.recv_into(buf, min(left, len(buf)))
+            except ConnectionResetError:
+                n = 0
+            if n == 0:
+                buf[:] = bytes(len(buf))
+                while left:
+                    left -= self._send_all(buf[: min(left, len(buf))])
+                return False
+            left -= self._send_all(buf[:n])
+        return True
+
+    def _send_all(self, data: memoryview) -> int:
+        try:
+            self.sock.sendall(data)
+        except (BrokenPipeError, ConnectionResetError) as e:
+            raise ChannelClosed(str(e)) from e
+        return len(data)
+
+    def _send_head(self, header: tuple[Any, ...], blob_len: int) -> None:
+        head = pickle.dumps(header, protocol=pickle.HIGHEST_PROTOCOL)
+        try:
+            self.sock.sendall(_PREFIX.pack(len(head), blob_len) + head)
+        except (BrokenPipeError, ConnectionResetError) as e:
+            raise ChannelClosed(str(e)) from e
 
     def close(self) -> None:
         self.sock.close()

@@ -41,6 +41,7 @@ def execute(launcher: Launcher, func: Callable[..., Any], args: tuple[Any, ...],
     """Run `func` as `launcher` says. `launcher` must have been validated."""
     payload = _pickle_payload(func, args, kwargs)
     hostnames = resolve_hostnames(launcher)
+    launcher = with_discovered_workers_per_host(launcher, hostnames)
     executor = resolve_executor(launcher.executor, launcher)
     pipeline = resolve_log_pipeline(launcher)
     run = _Run(launcher, executor, pipeline, hostnames, payload)
@@ -50,7 +51,7 @@ def execute(launcher: Launcher, func: Callable[..., Any], args: tuple[Any, ...],
         run.close()
 
 
-def _pickle_payload(func: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]) -> bytes:
+def _pickle_payload(func: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]) -> list[memoryview]:
     if not callable(func):
         raise ConfigurationError(f"func must be callable, got {type(func).__qualname__}")
     try:
@@ -82,6 +83,24 @@ def resolve_hostnames(launcher: Launcher) -> list[str]:
     )
 
 
+def with_discovered_workers_per_host(launcher: Launcher, hostnames: list[str]) -> Launcher:
+    """`launcher`, with ``workers_per_host="auto"`` made what SLURM allotted to each host when
+    the hosts themselves came from SLURM (through the ``torchrunx.workers_discovery`` entry point)."""
+    if launcher.workers_per_host != "auto" or not isinstance(launcher.hostnames, str):
+        return launcher
+    if "SLURM_JOB_NODELIST" not in os.environ:
+        return launcher
+    from dataclasses import replace
+    from importlib.metadata import entry_points
+
+    for ep in entry_points(group="torchrunx.workers_discovery"):
+        if ep.name == "slurm":
+            counts: list[int] | None = ep.load()()
+            if counts and len(counts) == len(hostnames):
+                return replace(launcher, workers_per_host=counts)
+    return launcher
+
+
 @dataclass
 class _Agent:
     index: int
@@ -102,7 +121,7 @@ class _Failure:
 
 class _Run:
     def __init__(
-        self, launcher: Launcher, executor: NodeExecutor, pipeline: LogPipeline, hostnames: list[str], payload: bytes
+        self, launcher: Launcher, executor: NodeExecutor, pipeline: LogPipeline, hostnames: list[str], payload: list[memoryview]
     ) -> None:
         self.launcher = launcher
         self.executor = executor
@@ -116,7 +135,7 @@ class _Run:
         self.listener: socket.socket | None = None
         self.store: Any = None
         self.placement: list[tuple[str, int]] = []  # rank -> (hostname, local rank)
-        self.results: dict[int, bytes] = {}
+        self.results: dict[int, bytearray] = {}
         self.exits: dict[int, str] = {}
         self.failures: list[_Failure] = []
         self.stopping = False
@@ -138,6 +157,8 @@ class _Run:
         self.start_deadline = time.monotonic() + self.launcher.timeout
         while not self._done():
             for key, _ in self.selector.select(self._next_timeout()):
+                if self.selector.get_map().get(key.fileobj) is not key:
+                    continue  # closed while an earlier event of this batch was handled
                 kind, agent = key.data
                 if kind == "listener":
                     self._accept()
@@ -284,7 +305,7 @@ class _Run:
                     WorkerLaunch(rank, local_rank, env, self.launcher.backend, self.launcher.timeout, tuple(sys.path))
                 )
             assert agent.channel is not None
-            agent.channel.send(("start", launches), self.payload)
+            agent.channel.send(("start", launches), *self.payload)
 
     # -- events from agents -----------------------------------------------------------
     def _from_agent(self, agent: _Agent) -> None:
@@ -298,9 +319,11 @@ class _Run:
         if kind == "logs":
             self._emit(agent, header[1])
         elif kind == "result":
-            self.results[agent.ranks[header[1]]] = bytes(blob)
+            self.results[agent.ranks[header[1]]] = blob
         elif kind == "error":
-            self._worker_raised(agent, header, bytes(blob))
+            self._worker_raised(agent, header, blob)
+        elif kind == "discard":
+            self.results.pop(agent.ranks[header[1]], None)
         elif kind == "exit":
             self._worker_exited(agent, header[1], header[2])
         elif kind == "stopped":
@@ -312,14 +335,12 @@ class _Run:
             record = LogRecord(created, agent.hostname, local_rank, rank, stream, level, message, logger)
             self.pipeline.emit(record)
 
-    def _worker_raised(self, agent: _Agent, header: tuple[Any, ...], blob: bytes) -> None:
+    def _worker_raised(self, agent: _Agent, header: tuple[Any, ...], blob: bytearray) -> None:
         _, local_rank, type_name, message, traceback_text = header
         rank = agent.ranks[local_rank]
         exception: BaseException
         try:
-            import cloudpickle
-
-            exception = cloudpickle.loads(blob) if blob else WorkerError(type_name, message)
+            exception = _pickling.loads(blob) if blob else WorkerError(type_name, message)
         except Exception:
             exception = WorkerError(type_name, message)
         where = f"host {agent.hostname!r}, rank {rank} (local rank {local_rank})"
@@ -386,9 +407,7 @@ class _Run:
             self._agent_gone(agent, "its connection to the launcher closed")
 
     def _result(self) -> LaunchResult:
-        import cloudpickle
-
-        return LaunchResult({r: cloudpickle.loads(b) for r, b in self.results.items()}, self.placement)
+        return LaunchResult({r: _pickling.loads(b) for r, b in self.results.items()}, self.placement)
 
     def close(self) -> None:
         """Stop every agent and release every socket of the run. Safe to call at any point."""

@@ -8,6 +8,7 @@ return value or exception is sent back over the worker's control socket.
 
 from __future__ import annotations
 
+import contextlib
 import io
 import logging
 import os
@@ -15,13 +16,14 @@ import signal
 import socket
 import sys
 import threading
+import time
 import traceback
 from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any, NoReturn
 
-from . import _proc
+from . import _pickling, _proc
 from .channel import Channel
 
 __all__ = ["WorkerLaunch", "fork_worker"]
@@ -54,7 +56,7 @@ class ForkedWorker:
     stderr: int
 
 
-def fork_worker(launch: WorkerLaunch, payload: bytes, keep_fds: tuple[int, ...] = ()) -> ForkedWorker:
+def fork_worker(launch: WorkerLaunch, payload: bytes | bytearray, keep_fds: tuple[int, ...] = ()) -> ForkedWorker:
     """Fork a worker. In the parent, return its handle; the child never returns."""
     agent_end, worker_end = socket.socketpair()
     out_r, out_w = os.pipe()
@@ -75,10 +77,8 @@ def fork_worker(launch: WorkerLaunch, payload: bytes, keep_fds: tuple[int, ...] 
     os.close(err_w)
     for fd in (out_r, err_r):
         os.set_blocking(fd, False)
-    try:
+    with contextlib.suppress(OSError):
         os.setpgid(pid, pid)  # also done in the child; whichever runs first wins the race
-    except OSError:
-        pass
     return ForkedWorker(launch, pid, Channel(agent_end), out_r, err_r)
 
 
@@ -115,9 +115,9 @@ class _LockedChannel:
         self._channel = channel
         self._lock = threading.Lock()
 
-    def send(self, header: tuple[Any, ...], blob: bytes = b"") -> None:
+    def send(self, header: tuple[Any, ...], *blob: bytes | memoryview) -> None:
         with self._lock:
-            self._channel.send(header, blob)
+            self._channel.send(header, *blob)
 
 
 class _ChannelLogHandler(logging.Handler):
@@ -136,9 +136,7 @@ class _ChannelLogHandler(logging.Handler):
             self.handleError(record)
 
 
-def _run(launch: WorkerLaunch, payload: bytes, channel: Channel) -> NoReturn:
-    import cloudpickle
-
+def _run(launch: WorkerLaunch, payload: bytes | bytearray, channel: Channel) -> NoReturn:
     os.environ.update(launch.env)
     sys.path[:] = [*launch.sys_path, *(p for p in sys.path if p not in launch.sys_path)]
     _share_cpu_threads(launch)
@@ -146,19 +144,19 @@ def _run(launch: WorkerLaunch, payload: bytes, channel: Channel) -> NoReturn:
     _capture_logging(control)
     exit_code = 0
     try:
-        func, args, kwargs = cloudpickle.loads(payload)
+        func, args, kwargs = _pickling.loads(payload)
         if launch.backend is not None:
             _init_process_group(launch)
         result = func(*args, **kwargs)
-        _destroy_process_group()
         try:
-            blob = cloudpickle.dumps(result)
+            blob = _pickling.dumps(result)
         except Exception as e:
             raise TypeError(
                 f"the return value of rank {launch.rank} (of type {type(result).__qualname__}) "
                 f"cannot be pickled to send it to the launcher: {e}"
             ) from e
-        control.send(("result", launch.local_rank), blob)
+        control.send(("result", launch.local_rank), *blob)
+        _destroy_process_group()  # after sending: the launcher need not wait for it
     except SystemExit as e:  # sys.exit() in a worker is an exit, reported with its code
         exit_code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
     except BaseException as e:
@@ -166,10 +164,8 @@ def _run(launch: WorkerLaunch, payload: bytes, channel: Channel) -> NoReturn:
         exit_code = EXIT_RAISED
     finally:
         for stream in (sys.stdout, sys.stderr):
-            try:
+            with contextlib.suppress(Exception):
                 stream.flush()
-            except Exception:
-                pass
     os._exit(exit_code)
 
 
@@ -188,14 +184,14 @@ def _share_cpu_threads(launch: WorkerLaunch) -> None:
 
 
 def _send_exception(control: _LockedChannel, launch: WorkerLaunch, exc: BaseException) -> None:
-    import cloudpickle
-
     text = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
+    # Into the worker's log too, where whoever reads the log of this rank looks for it.
+    control.send(("log", time.time(), logging.ERROR, "torchrunx", f"rank {launch.rank} raised:\n{text.rstrip()}"))
     try:
-        blob = cloudpickle.dumps(exc)
+        blob = _pickling.dumps(exc)
     except Exception:
-        blob = b""
-    control.send(("error", launch.local_rank, type(exc).__qualname__, str(exc), text), blob)
+        blob = []  # the launcher raises a WorkerError with the type name and text instead
+    control.send(("error", launch.local_rank, type(exc).__qualname__, str(exc), text), *blob)
 
 
 def _capture_logging(control: _LockedChannel) -> None:
@@ -223,9 +219,8 @@ def _init_process_group(launch: WorkerLaunch) -> None:
         torch.cuda.set_device(launch.local_rank)
     timeout = timedelta(seconds=launch.timeout)
     world_size = int(os.environ["WORLD_SIZE"])
-    store = dist.TCPStore(
-        os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world_size, False, timeout
-    )
+    address, port = os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"])
+    store = dist.TCPStore(address, port, world_size, False, timeout)  # type: ignore[attr-defined]
     dist.init_process_group(backend, store=store, rank=launch.rank, world_size=world_size, timeout=timeout)
     if backend != "nccl":
         # Gloo connects its full mesh during init; a rank whose function returns at once would

@@ -50,8 +50,10 @@ class Host:
 
 @dataclass
 class TestBed:
+    __test__ = False  # not a test class, despite its name
     workdir: Path
-    launcher_address: str  # this machine, as the hosts see it
+    launcher_address: str  # this machine, as the hosts see it (the route's source address)
+    second_launcher_address: str  # another address of this machine on the same bridge
     subnet: ipaddress.IPv4Network
     ssh_config: Path  # Host entries for every host, plus the extra aliases of `write_ssh_config`
     client_key: Path
@@ -71,8 +73,7 @@ class TestBed:
         left = {}
         for host in self.hosts:
             pids = [int(p) for p in _ip("netns", "pids", host.netns, check=False).stdout.split()]
-            rows = [f"{p} {_cmdline(p)}" for p in pids if host.sshd is None or p != host.sshd.pid]
-            rows = [r for r in rows if not r.endswith(" ")]  # an empty cmdline: a zombie, already dead
+            rows = [f"{p} {_cmdline(p)}" for p in pids if p != getattr(host.sshd, "pid", None) and _alive(p)]
             if rows:
                 left[host.alias] = rows
         return left
@@ -107,9 +108,17 @@ def _ip(*args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
 
 def _cmdline(pid: int) -> str:
     try:
-        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        return Path(f"/proc/{pid}/cmdline").read_bytes().rstrip(b"\0").replace(b"\0", b" ").decode(errors="replace")
     except OSError:
         return ""
+
+
+def _alive(pid: int) -> bool:
+    """Running or sleeping; a zombie is already dead (PID 1 here reaps orphans lazily)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):
+        return False
 
 
 def _start_time(pid: int) -> str | None:
@@ -182,8 +191,8 @@ def _start_sshd(workdir: Path, host: Host, hosts_file: Path) -> None:
 
 def write_ssh_config(bed: TestBed, path: Path, extra: str = "") -> Path:
     """An ssh config with one Host entry per host (keys checked against the bed's known_hosts),
-    followed by `extra` (more Host entries, which come first for OpenSSH's first-match rule... so
-    they must use aliases of their own)."""
+    followed by `extra`: more Host entries, under aliases of their own (for each option the first
+    value found wins, so an entry for a host's alias here would not override the one above)."""
     entries = [
         f"Host {h.alias}\n    HostName {h.address}\n    User root\n    IdentityFile {bed.client_key}\n"
         f"    IdentitiesOnly yes\n    UserKnownHostsFile {bed.known_hosts}\n    ConnectTimeout 5\n"
@@ -210,8 +219,9 @@ def testbed(workdir: Path, n: int = 2) -> Iterator[TestBed]:
             _ip("link", "add", bridge, "type", "bridge")
         except subprocess.CalledProcessError as e:
             raise Unavailable(f"cannot create a bridge: {e.stderr.strip()}") from None
-        launcher = str(subnet.network_address + 1)
-        _ip("addr", "add", f"{launcher}/24", "dev", bridge)
+        launcher, second = str(subnet.network_address + 1), str(subnet.network_address + 2)
+        _ip("addr", "add", f"{launcher}/24", "dev", bridge)  # the first is the routes' source address
+        _ip("addr", "add", f"{second}/24", "dev", bridge)
         _ip("link", "set", bridge, "up")
         key = _keygen(workdir / "client_key")
         host_key = _keygen(workdir / "host_key")
@@ -232,7 +242,7 @@ def testbed(workdir: Path, n: int = 2) -> Iterator[TestBed]:
             _ip("-n", host.netns, "addr", "add", f"{host.address}/24", "dev", "eth0")
             _ip("-n", host.netns, "link", "set", "eth0", "up")
             _start_sshd(workdir, host, hosts_file)
-        bed = TestBed(workdir, launcher, subnet, workdir / "ssh_config", key, known_hosts, hosts)
+        bed = TestBed(workdir, launcher, second, subnet, workdir / "ssh_config", key, known_hosts, hosts)
         write_ssh_config(bed, bed.ssh_config)
         yield bed
     finally:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -10,7 +11,7 @@ from typing import TYPE_CHECKING, Any
 
 from trx_core import AgentProcess, AgentSpec
 
-from .command import agent_argv
+from .command import agent_argv, describe_end
 from .hosts import is_local_host
 
 if TYPE_CHECKING:
@@ -30,7 +31,8 @@ class LocalAgentProcess:
         env = {k: os.environ[k] for k in _BASE_ENV if k in os.environ}
         env.setdefault("PATH", os.defpath)
         env.update(spec.env)
-        self._output = tempfile.TemporaryFile()
+        self._python = spec.python
+        self._output = tempfile.TemporaryFile()  # noqa: SIM115 - closed in stop()
         self._popen = subprocess.Popen(
             agent_argv(spec),
             stdin=subprocess.PIPE,
@@ -54,18 +56,14 @@ class LocalAgentProcess:
         code = self._popen.poll()
         if code is None:
             return None
-        how = f"killed by signal {signal.Signals(-code).name}" if code < 0 else f"exited with code {code}"
         self._output.seek(0)
-        tail = self._output.read()[-4000:].decode("utf-8", "replace").strip()
-        return f"the agent {how}" + (f": {tail}" if tail else "")
+        return describe_end(code, self._output.read()[-4000:].decode("utf-8", "replace"), self._python)
 
     def stop(self) -> None:
         if self._popen.poll() is None:
             self._popen.send_signal(signal.SIGTERM)  # the agent kills its workers, then exits
-            try:
+            with contextlib.suppress(subprocess.TimeoutExpired):
                 self._popen.wait(_STOP_WAIT_S)
-            except subprocess.TimeoutExpired:
-                pass
         _kill_session(self._popen.pid)  # whatever is left, e.g. after the agent was SIGKILLed
         self._popen.wait()
         if self._pidfd >= 0:
@@ -84,10 +82,8 @@ def _kill_session(sid: int) -> None:
         except OSError:
             continue
         if int(fields[3]) == sid:  # field 6 of stat: the session id
-            try:
+            with contextlib.suppress(ProcessLookupError):
                 os.kill(int(entry), signal.SIGKILL)
-            except ProcessLookupError:
-                pass
 
 
 class LocalExecutor:

@@ -18,7 +18,7 @@ def is_local_host(hostname: str) -> bool:
     except socket.gaierror:
         return False
     for family, _, _, _, address in infos:
-        ip = address[0]
+        ip = str(address[0])
         if ip.startswith("127.") or ip == "::1":
             return True
         with socket.socket(family, socket.SOCK_STREAM) as s:

@@ -14,10 +14,11 @@ workers and their children go too, even after the agent itself was SIGKILLed.
 
 from __future__ import annotations
 
+import contextlib
 import getpass
 import os
+import secrets
 import shlex
-import signal
 import socket
 import threading
 import time
@@ -29,7 +30,7 @@ import paramiko
 from trx_core import AgentFailedError, AgentSpec, ConfigurationError
 
 from .addresses import AddressError, route_source_address
-from .command import AGENT_SCRIPT
+from .command import AGENT_SCRIPT, describe_end
 
 if TYPE_CHECKING:
     from trx_core import Launcher
@@ -46,18 +47,30 @@ _OUTPUT_TAIL = 4000
 # Prints the session id (= its own pid, after setsid) so that `stop` can kill the session.
 _REMOTE_SCRIPT = f"printf '{_SESSION_MARKER.decode()}%s\\n' \"$$\"\n" + AGENT_SCRIPT
 
-# $1 = the agent's session id. SIGTERM first (the agent kills its workers and exits), then
-# SIGKILL whatever is left in the session: workers' children, or everything if the agent
-# was SIGKILLed and could not clean up.
+# Every process started for an agent carries this variable, set to a token of that agent:
+# processes that left its session (a worker's child calling setsid) are found by it.
+_MARK_VAR = "TORCHRUNX_SSH_AGENT"
+
+# $1 = the agent's session id, $2 = its mark. SIGTERM first (the agent kills its workers and
+# exits), then SIGKILL whatever is left in the session or carries the mark: workers'
+# children, or everything if the agent was SIGKILLed and could not clean up. Twice, for
+# what was forked during the first sweep.
 _KILL_SCRIPT = f"""\
-sid=$1
+sid=$1 mark="{_MARK_VAR}=$2"
 if kill -TERM "$sid" 2>/dev/null; then
   for _ in $(seq {int(_STOP_GRACE_S * 10)}); do kill -0 "$sid" 2>/dev/null || break; sleep 0.1; done
 fi
-for stat in /proc/[0-9]*/stat; do
-  read -r line < "$stat" 2>/dev/null || continue
-  set -- ${{line##*) }}
-  if [ "$4" = "$sid" ]; then pid=${{stat#/proc/}}; kill -KILL "${{pid%/stat}}" 2>/dev/null; fi
+for sweep in 1 2; do
+  for dir in /proc/[0-9]*; do
+    pid=${{dir#/proc/}}
+    [ "$pid" = "$$" ] && continue
+    read -r line < "$dir/stat" 2>/dev/null || continue
+    set -- ${{line##*) }}
+    if [ "$4" = "$sid" ]; then kill -KILL "$pid" 2>/dev/null; continue; fi
+    while IFS= read -r -d '' var; do
+      if [ "$var" = "$mark" ]; then kill -KILL "$pid" 2>/dev/null; break; fi
+    done < "$dir/environ" 2>/dev/null
+  done
 done
 exit 0
 """
@@ -216,8 +229,10 @@ class _Connection:
     def add_hop(self, host: SSHHost, timeout: float) -> None:
         """Connect to `host`, through the previous hop if there is one."""
         if self.clients:
-            sock: Any = self.clients[-1].get_transport().open_channel(
-                "direct-tcpip", (host.hostname, host.port), ("127.0.0.1", 0), timeout=timeout
+            sock: Any = (
+                self.clients[-1]
+                .get_transport()
+                .open_channel("direct-tcpip", (host.hostname, host.port), ("127.0.0.1", 0), timeout=timeout)
             )
         elif host.proxy_command:
             sock = paramiko.ProxyCommand(host.proxy_command)
@@ -258,17 +273,19 @@ class _Connection:
             self.closed = True
             closables, self._sockets = self._sockets, []
         for closable in reversed(closables):
-            try:
+            with contextlib.suppress(Exception):
                 closable.close()
-            except Exception:
-                pass
 
 
 class SSHAgentProcess:
     """An agent started over SSH, in its own session on its host."""
 
-    def __init__(self, host: SSHHost, connection: _Connection, channel: paramiko.Channel) -> None:
+    def __init__(
+        self, host: SSHHost, connection: _Connection, channel: paramiko.Channel, python: str, mark: str
+    ) -> None:
         self.host = host
+        self._python = python
+        self._mark = mark
         self._connection = connection
         self._channel = channel
         self._ended_r, self._ended_w = os.pipe()
@@ -287,17 +304,18 @@ class SSHAgentProcess:
         pending = b""
         try:
             while data := self._channel.recv(1 << 16):
-                if self._session is None:
+                if self._session is None:  # a login banner or shell startup file may print first
                     pending += data
-                    line, newline, rest = pending.partition(b"\n")
-                    if not newline:
+                    while self._session is None and b"\n" in pending:
+                        line, _, pending = pending.partition(b"\n")
+                        if line.startswith(_SESSION_MARKER):
+                            self._session = int(line[len(_SESSION_MARKER) :])
+                            self._have_session.set()
+                        else:
+                            self._output += line + b"\n"
+                    if self._session is None:
                         continue
-                    if line.startswith(_SESSION_MARKER):
-                        self._session = int(line[len(_SESSION_MARKER) :])
-                        self._have_session.set()
-                        data = rest
-                    else:
-                        data, pending = pending, b""
+                    data, pending = pending, b""
                 self._output += data
                 del self._output[:-_OUTPUT_TAIL]
             self._status = self._channel.recv_exit_status()
@@ -325,16 +343,11 @@ class SSHAgentProcess:
         tail = self._output.decode("utf-8", "replace").strip()
         status = self._status if self._status is not None else -1
         if status == -1:
-            how = "lost its SSH connection (no exit status)"
-        elif "did not exit normally" in tail:  # setsid --wait: the agent died by a signal
-            tail = "\n".join(line for line in tail.splitlines() if "did not exit normally" not in line).strip()
-            try:
-                how = f"was killed by signal {signal.Signals(status).name}"
-            except ValueError:
-                how = f"was killed by signal {status}"
-        else:
-            how = f"exited with code {status}"
-        return f"the agent {how}" + (f": {tail}" if tail else "")
+            return "the agent lost its SSH connection (no exit status)" + (f": {tail}" if tail else "")
+        if "did not exit normally" in tail:  # setsid --wait: the agent died by a signal, `status`
+            tail = "\n".join(line for line in tail.splitlines() if "did not exit normally" not in line)
+            status = -status
+        return describe_end(status, tail, self._python)
 
     def stop(self) -> None:
         with self._stop_lock:
@@ -357,7 +370,7 @@ class SSHAgentProcess:
         try:
             channel = self._connection.transport.open_session(timeout=_STOP_GRACE_S)
             channel.settimeout(_STOP_GRACE_S + 5)
-            channel.exec_command(shlex.join(["bash", "-c", _KILL_SCRIPT, "torchrunx-stop", str(session)]))
+            channel.exec_command(shlex.join(["bash", "-c", _KILL_SCRIPT, "torchrunx-stop", str(session), self._mark]))
             channel.recv_exit_status()
             channel.close()
         except Exception:
@@ -431,10 +444,11 @@ class SSHExecutor:
                     raise SSHError(f"{hop}: {_explain(e, hop, expired.is_set())}") from None
             channel = connection.transport.open_session(timeout=target.connect_timeout)
             channel.set_combine_stderr(True)
-            channel.exec_command(_remote_command(spec).encode("utf-8", "surrogateescape"))
+            mark = secrets.token_hex(8)
+            channel.exec_command(_remote_command(spec, mark).encode("utf-8", "surrogateescape"))
             channel.sendall(spec.stdin)
             channel.shutdown_write()
-            process = SSHAgentProcess(target, connection, channel)
+            process = SSHAgentProcess(target, connection, channel, spec.python, mark)
             process.wait_started(max(budget - (time.monotonic() - started), 1.0))
         except SSHError:
             connection.close()
@@ -447,13 +461,14 @@ class SSHExecutor:
         return process
 
 
-def _remote_command(spec: AgentSpec) -> str:
+def _remote_command(spec: AgentSpec, mark: str) -> str:
     """The command line for the remote login shell: a new session, then the agent script.
 
     Variables go through ``env NAME=VALUE`` as single arguments, so their values arrive
     byte-for-byte; nothing is exported by shell text that a value could break out of.
     """
-    assignments = [f"{name}={value}" for name, value in spec.env.items() if name.isidentifier()]
+    assignments = [f"{name}={value}" for name, value in spec.env.items() if name and "=" not in name]
+    assignments.append(f"{_MARK_VAR}={mark}")
     argv = [
         "setsid", "--wait", "env", "--", *assignments,
         "bash", "-c", _REMOTE_SCRIPT, "torchrunx-agent", spec.cwd, spec.env_file or "", spec.python, *spec.args,

@@ -22,7 +22,9 @@ _SCONTROL_TIMEOUT_S = 10.0
 
 def _split_top_level(text: str) -> list[str]:
     """Split on commas that are not inside brackets."""
-    parts, depth, current = [], 0, []
+    parts: list[str] = []
+    current: list[str] = []
+    depth = 0
     for char in text:
         if char == "[":
             depth += 1
@@ -116,20 +118,31 @@ def slurm_hostnames(environ: Mapping[str, str] | None = None) -> list[str]:
 
 
 def slurm_workers_per_host(environ: Mapping[str, str] | None = None) -> list[int] | None:
-    """Workers per host of the allocation: one per task (``SLURM_TASKS_PER_NODE``), else one per
-    GPU (``SLURM_GPUS_ON_NODE``); None outside an allocation or when SLURM says neither."""
+    """Workers per host of the allocation, in the order of `slurm_hostnames`, when SLURM says.
+
+    One per task when tasks were asked for (``--ntasks-per-node``: ``SLURM_NTASKS_PER_NODE``;
+    ``--ntasks``: ``SLURM_TASKS_PER_NODE``), else one per GPU when GPUs were
+    (``SLURM_GPUS_ON_NODE``, ``SLURM_GPUS_PER_NODE``). None outside an allocation or when
+    SLURM says neither: each host then gets what ``workers_per_host="auto"`` gives anywhere.
+    ``SLURM_TASKS_PER_NODE`` alone is not enough: SLURM sets it to 1 for every allocation.
+
+    Registered in the ``torchrunx.workers_discovery`` entry-point group as ``slurm``; trx-core
+    calls it for ``workers_per_host="auto"`` on hosts it got from SLURM.
+    """
     environ = os.environ if environ is None else environ
-    hosts = environ.get("SLURM_JOB_NODELIST")
-    if not hosts:
+    if not (environ.get("SLURM_JOB_NODELIST") or environ.get("SLURM_NODELIST")):
         return None
-    n_hosts = int(environ.get("SLURM_JOB_NUM_NODES") or environ.get("SLURM_NNODES") or 0) or None
-    for name in ("SLURM_NTASKS_PER_NODE", "SLURM_TASKS_PER_NODE"):
-        if environ.get(name):
-            counts = expand_counts(environ[name])
-            if n_hosts and len(counts) == 1:
-                counts *= n_hosts
-            return counts
-    gpus = environ.get("SLURM_GPUS_ON_NODE")
-    if gpus and gpus.isdigit() and n_hosts:
-        return [int(gpus)] * n_hosts
+    n_hosts = int(environ.get("SLURM_JOB_NUM_NODES") or environ.get("SLURM_NNODES") or 0) or len(
+        slurm_hostnames(environ)
+    )
+    try:
+        if environ.get("SLURM_NTASKS_PER_NODE"):
+            return [int(environ["SLURM_NTASKS_PER_NODE"])] * n_hosts
+        if environ.get("SLURM_NTASKS") and environ.get("SLURM_TASKS_PER_NODE"):
+            return expand_counts(environ["SLURM_TASKS_PER_NODE"])
+        for name in ("SLURM_GPUS_ON_NODE", "SLURM_GPUS_PER_NODE"):
+            if environ.get(name):  # "4", or "a100:4" for a GPU type
+                return [int(environ[name].rpartition(":")[2])] * n_hosts
+    except ValueError as e:
+        raise ConfigurationError(f"cannot read the SLURM allocation's tasks or GPUs per node: {e}") from None
     return None

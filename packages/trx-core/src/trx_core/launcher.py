@@ -197,19 +197,33 @@ def _may_be_remote(hostnames: object) -> bool:
     )
 
 
-def _major_minor(package: str) -> tuple[int, int] | None:
+def _major_minor(text: str) -> tuple[int, int]:
+    parts = text.split(".")
+    return int(parts[0]), int("".join(c for c in parts[1] if c.isdigit()) or 0) if len(parts) > 1 else 0
+
+
+def _installed(package: str) -> str | None:
     try:
-        parts = version(package).split(".")
-        return int(parts[0]), int("".join(c for c in parts[1] if c.isdigit()) or 0)
-    except (PackageNotFoundError, ValueError, IndexError):
+        return version(package)
+    except PackageNotFoundError:
         return None
 
 
-def check_numpy_torch_versions() -> None:
-    """NumPy >= 2.0 only works with torch >= 2.3: refuse the bad pair up front."""
-    numpy_version, torch_version = _major_minor("numpy"), _major_minor("torch")
-    if numpy_version and torch_version and numpy_version >= (2, 0) and torch_version < (2, 3):
+def check_numpy_torch_versions(numpy_version: str | None = None, torch_version: str | None = None) -> None:
+    """NumPy >= 2.0 only works with torch >= 2.3: refuse the bad pair up front.
+
+    The versions default to the installed ones.
+    """
+    numpy_version = numpy_version or _installed("numpy")
+    torch_version = torch_version or _installed("torch")
+    if not (numpy_version and torch_version):
+        return
+    try:
+        bad = _major_minor(numpy_version) >= (2, 0) and _major_minor(torch_version) < (2, 3)
+    except ValueError:
+        return  # a version we cannot read: let the import itself say what is wrong
+    if bad:
         raise ConfigurationError(
-            f"NumPy {version('numpy')} needs torch >= 2.3, but torch {version('torch')} is installed: "
+            f"NumPy {numpy_version} needs torch >= 2.3, but torch {torch_version} is installed: "
             "upgrade torch (pip install 'torch>=2.3') or install 'numpy<2'"
         )

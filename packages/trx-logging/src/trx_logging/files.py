@@ -29,6 +29,7 @@ class RunFiles:
         self.folder = folder
         self.stem = stem
         self._fds = fds
+        self._keys = list(fds)  # every file of the run, also once closed
         self._suffix = suffix
 
     @classmethod
@@ -38,7 +39,7 @@ class RunFiles:
         """Create every file of a run in `folder`, under the first free start-time stem."""
         folder.mkdir(parents=True, exist_ok=True)
         keys: list[FileKey] = []
-        for host, count in zip(hostnames, workers_per_host):
+        for host, count in zip(hostnames, workers_per_host, strict=True):
             keys.append((host, None))
             keys.extend((host, local_rank) for local_rank in range(count))
         for bump in range(_MAX_TRIES):
@@ -55,11 +56,13 @@ class RunFiles:
         if fd is None:
             path = self.folder / file_name(self.stem, hostname, local_rank, self._suffix)
             fd = self._fds[key] = os.open(path, _FLAGS & ~os.O_EXCL, 0o644)
+            if key not in self._keys:
+                self._keys.append(key)
         return fd
 
     def paths(self) -> list[Path]:
         """Every file of this run."""
-        return [self.folder / file_name(self.stem, host, rank, self._suffix) for host, rank in self._fds]
+        return [self.folder / file_name(self.stem, host, rank, self._suffix) for host, rank in self._keys]
 
     def close(self) -> None:
         fds, self._fds = self._fds, {}

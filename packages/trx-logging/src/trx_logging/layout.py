@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import os
 import sys
+import traceback
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Literal
@@ -85,7 +86,18 @@ class LogLayout:
             stream.write(render(CONSOLE_CHAIN, event_dict(record)) + "\n")
             stream.flush()
         for sink in self._sinks:
-            sink(record)
+            try:
+                sink(record)
+            except Exception:
+                self._drop_sink(sink)
+
+    def _drop_sink(self, sink: Callable[[LogRecord], object]) -> None:
+        # Like a failing logging.Handler: said on stderr, and the run goes on (a broken metrics
+        # sink must not kill a training run); dropped for the rest of the run, or a flood of
+        # records would print a flood of tracebacks.
+        self._sinks = tuple(s for s in self._sinks if s is not sink)
+        print(f"torchrunx: log sink {sink!r} failed and gets no more records of this run:", file=sys.stderr)
+        traceback.print_exc()
 
     def close(self) -> None:
         if self._files is not None:
@@ -98,8 +110,7 @@ def factory(launcher: Launcher) -> LogLayout:
     Reads ``logs``, ``log_console`` and ``log_format`` from the launcher, the level from
     ``$TORCHRUNX_LOG_LEVEL`` (default INFO), and takes the sinks registered with `add_sink`.
     """
-    console = getattr(launcher, "log_console", "stdout")
-    file_format = getattr(launcher, "log_format", "text")
+    console, file_format = launcher.log_console, launcher.log_format
     if console not in ("stdout", "stderr", None):
         raise ConfigurationError(f"log_console={console!r} is not valid: use 'stdout', 'stderr' or None")
     if file_format not in _SUFFIXES:
@@ -107,9 +118,12 @@ def factory(launcher: Launcher) -> LogLayout:
     folder = Path(launcher.logs).expanduser() if launcher.logs is not None else None
     if folder is not None and folder.exists() and not folder.is_dir():
         raise ConfigurationError(f"logs={str(folder)!r} is not a folder: pass a folder, or None for no log files")
-    return LogLayout(
-        folder, console=console, file_format=file_format, level=level_from_env(), sinks=registered_sinks()
-    )
+    if folder is not None:
+        try:  # now, before any process starts, rather than when the first file is created
+            folder.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise ConfigurationError(f"cannot create the log folder logs={str(folder)!r}: {e}") from e
+    return LogLayout(folder, console=console, file_format=file_format, level=level_from_env(), sinks=registered_sinks())
 
 
 def level_from_env() -> int:

@@ -12,7 +12,7 @@ from collections.abc import Callable, Sequence
 from datetime import datetime
 from typing import Any
 
-from structlog.dev import Column, ConsoleRenderer
+from structlog.dev import Column, ColumnFormatter, ConsoleRenderer
 from structlog.processors import EventRenamer, JSONRenderer
 from structlog.typing import EventDict, WrappedLogger
 from trx_core import LogRecord
@@ -85,7 +85,7 @@ def console_prefix(logger: WrappedLogger, method: str, event: EventDict) -> Even
     return {"prefix": prefix, "event": event["event"]}
 
 
-def _plain(width: int = 0) -> Callable[[str, object], str]:
+def _plain(width: int = 0) -> ColumnFormatter:
     def column(key: str, value: object) -> str:
         return f"{value!s:<{width}}"
 

@@ -4,7 +4,11 @@ A sink is either a callable that receives each `trx_core.LogRecord` (host, rank,
 rank, stream, level, message, logger), or a `logging.Handler` that receives each record as
 a `logging.LogRecord` with the extra attributes ``hostname``, ``rank``, ``local_rank`` and
 ``stream``. Sinks are called in the launcher process, in order per worker; a slow sink slows
-the run's output down (nothing is dropped).
+the run's output down (nothing is dropped). A sink that raises is reported on stderr and
+gets no more records of that run; the run goes on.
+
+Records below ``$TORCHRUNX_LOG_LEVEL`` (Python logging records and the agent's messages)
+never reach a sink; captured output (``stream`` ``stdout`` / ``stderr``) always does.
 """
 
 from __future__ import annotations
@@ -13,13 +17,12 @@ import logging
 import threading
 from collections.abc import Callable
 from types import TracebackType
-from typing import Union
 
 from trx_core import LogRecord
 
 __all__ = ["Sink", "SinkRegistration", "add_sink", "registered_sinks"]
 
-Sink = Union[Callable[[LogRecord], object], logging.Handler]
+Sink = Callable[[LogRecord], object] | logging.Handler
 
 _lock = threading.Lock()
 _sinks: list[Sink] = []
@@ -47,10 +50,31 @@ class SinkRegistration:
 
 
 def add_sink(sink: Sink) -> SinkRegistration:
-    """Send every record of the runs started from now on to `sink` too.
+    """Send every record of the runs started from now on to `sink` too, until removed.
 
-    >>> with add_sink(lambda record: print(record.hostname, record.rank, record.message)):
-    ...     launcher.run(train)  # doctest: +SKIP
+    A callable receives each `trx_core.LogRecord`; for example, keep rank 1's warnings::
+
+        import torchrunx as trx
+        from trx_logging import add_sink
+
+        warnings_of_rank_1 = []
+
+        def keep(record: trx.LogRecord) -> None:
+            if record.rank == 1 and record.level >= logging.WARNING:
+                warnings_of_rank_1.append(record.message)
+
+        with add_sink(keep):  # removed again at the end of the block
+            trx.launch(train, hostnames=["node1", "node2"], workers_per_host=8)
+
+    A `logging.Handler` receives each record as a `logging.LogRecord` (level and logger name
+    kept, captured output at INFO) with the attributes ``hostname``, ``rank`` (None for the
+    agent), ``local_rank`` and ``stream``, so a formatter can show them::
+
+        handler = logging.FileHandler("all_ranks.log")
+        handler.setFormatter(logging.Formatter("%(hostname)s rank %(rank)s: %(message)s"))
+        registration = add_sink(handler)
+        ...
+        registration.remove()
     """
     if not (callable(sink) or isinstance(sink, logging.Handler)):
         raise TypeError(f"a sink is a callable or a logging.Handler, not {type(sink).__qualname__}")

@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 
 import pytest
+
 from conftest import processes_with_tag, wait_until_gone
 
 LAUNCHER_SCRIPT = textwrap.dedent(

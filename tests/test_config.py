@@ -52,7 +52,7 @@ def test_configuration_mistakes_are_refused_before_any_process_starts(
 
 def test_a_function_that_cannot_be_pickled_is_refused_naming_it(tmp_path: Path) -> None:
     lock = threading.Lock()
-    with pytest.raises(trx.ConfigurationError, match="cannot send .*lambda.* must be picklable"):
+    with pytest.raises(trx.ConfigurationError, match=r"cannot send .*lambda.* must be picklable"):
         trx.launch(lambda: lock.locked(), hostnames=["localhost"], logs=tmp_path)
 
 

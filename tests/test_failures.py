@@ -96,7 +96,7 @@ def kill_my_agent() -> None:
 
 def test_agent_killed_raises_agent_failed_error(local: dict[str, Any]) -> None:
     start = time.monotonic()
-    with pytest.raises(trx.AgentFailedError, match="localhost.*SIGKILL") as info:
+    with pytest.raises(trx.AgentFailedError, match=r"localhost.*SIGKILL") as info:
         trx.launch(kill_my_agent, workers_per_host=2, **local)
     assert info.value.hostname == "localhost"
     assert time.monotonic() - start < 20

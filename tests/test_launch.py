@@ -34,7 +34,16 @@ def test_positional_and_keyword_arguments_reach_the_function(local: dict[str, An
 
 
 def worker_environment() -> dict[str, str]:
-    names = ["RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "NODE_RANK", "GROUP_RANK", "MASTER_ADDR", "MASTER_PORT"]
+    names = [
+        "RANK",
+        "LOCAL_RANK",
+        "WORLD_SIZE",
+        "LOCAL_WORLD_SIZE",
+        "NODE_RANK",
+        "GROUP_RANK",
+        "MASTER_ADDR",
+        "MASTER_PORT",
+    ]
     return {n: os.environ[n] for n in names}
 
 

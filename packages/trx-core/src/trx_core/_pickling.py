@@ -122,7 +122,7 @@ def dumps(obj: Any) -> list[memoryview]:
     table = _COUNT.pack(len(raws)) + b"".join(_SIZE.pack(n) for n in (main.nbytes, *(r.nbytes for r in raws)))
     parts: list[memoryview] = [memoryview(table), main]
     end = _COUNT.size + _SIZE.size * (len(raws) + 1) + main.nbytes
-    for raw, offset in zip(raws, offsets):
+    for raw, offset in zip(raws, offsets, strict=False):
         if offset > end:
             parts.append(memoryview(bytes(offset - end)))
         parts.append(raw)

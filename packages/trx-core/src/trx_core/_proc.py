@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import os
 import signal
@@ -64,10 +65,8 @@ def kill_descendants(deadline_s: float = 3.0) -> None:
     while True:
         pids = descendants(os.getpid())
         for pid in pids:
-            try:
+            with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
         reap_children()
         if not pids or time.monotonic() > end:
             return

@@ -24,8 +24,7 @@ class WorkerFailedError(RuntimeError):
         self.rank = rank
         self.how = how
         super().__init__(
-            f"worker rank {rank} (host {hostname!r}, local rank {local_rank}) died without "
-            f"raising an exception: {how}"
+            f"worker rank {rank} (host {hostname!r}, local rank {local_rank}) died without raising an exception: {how}"
         )
 
 

@@ -135,17 +135,18 @@ class Launcher:
                 )
         _validate_workers_per_host(self.workers_per_host, self.hostnames)
         if self.backend not in (*_BACKENDS, None):
-            raise ConfigurationError(
-                f"unknown backend {self.backend!r}: use one of {', '.join(_BACKENDS)} or None"
-            )
+            raise ConfigurationError(f"unknown backend {self.backend!r}: use one of {', '.join(_BACKENDS)} or None")
         if not isinstance(self.timeout, int) or isinstance(self.timeout, bool) or self.timeout <= 0:
             raise ConfigurationError(f"timeout must be a positive number of seconds, got {self.timeout!r}")
         if isinstance(self.env_vars, str):
             raise ConfigurationError(f"env_vars must be a tuple of patterns, not the string {self.env_vars!r}")
-        if self.env_file is not None and not Path(self.env_file).expanduser().is_file():
-            # Remote hosts may hold a file this machine does not; only local paths are checked here.
-            if not _may_be_remote(self.hostnames):
-                raise ConfigurationError(f"env_file {str(self.env_file)!r} does not exist or is not a file")
+        # Remote hosts may hold a file this machine does not; only local runs are checked here.
+        if (
+            self.env_file is not None
+            and not Path(self.env_file).expanduser().is_file()
+            and not _may_be_remote(self.hostnames)
+        ):
+            raise ConfigurationError(f"env_file {str(self.env_file)!r} does not exist or is not a file")
         check_numpy_torch_versions()
 
     def matched_env(self, environ: Mapping[str, str] | None = None) -> dict[str, str]:

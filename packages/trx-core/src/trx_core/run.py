@@ -8,6 +8,7 @@ has failed. `_Run` owns every socket and agent it opens and closes them in `clos
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import secrets
@@ -37,7 +38,9 @@ _HANDSHAKE_TIMEOUT_S = 2.0
 _GATHER_S = 0.05
 
 
-def execute(launcher: Launcher, func: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]) -> LaunchResult:
+def execute(
+    launcher: Launcher, func: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]
+) -> LaunchResult:
     """Run `func` as `launcher` says. `launcher` must have been validated."""
     payload = _pickle_payload(func, args, kwargs)
     hostnames = resolve_hostnames(launcher)
@@ -121,7 +124,12 @@ class _Failure:
 
 class _Run:
     def __init__(
-        self, launcher: Launcher, executor: NodeExecutor, pipeline: LogPipeline, hostnames: list[str], payload: list[memoryview]
+        self,
+        launcher: Launcher,
+        executor: NodeExecutor,
+        pipeline: LogPipeline,
+        hostnames: list[str],
+        payload: list[memoryview],
     ) -> None:
         self.launcher = launcher
         self.executor = executor
@@ -230,7 +238,7 @@ class _Run:
             with ThreadPoolExecutor(max_workers=min(len(self.agents), 64)) as pool:
                 outcomes = list(pool.map(lambda a: _capture(start, a), self.agents))
         errors = []
-        for agent, (process, error) in zip(self.agents, outcomes):
+        for agent, (process, error) in zip(self.agents, outcomes, strict=False):
             if process is not None:
                 agent.process = process
                 self.selector.register(process.fileno(), selectors.EVENT_READ, ("process", agent))
@@ -281,7 +289,7 @@ class _Run:
         self.pipeline_open = True
         world_size = sum(counts)
         agent0 = self.agents[0]
-        for agent, count in zip(self.agents, counts):
+        for agent, count in zip(self.agents, counts, strict=False):
             if self.store is not None:
                 master_addr, master_port = self._launcher_address(agent.hostname), self.store.port
             else:  # no process group of ours: the user's own rendezvous on host 0
@@ -366,10 +374,8 @@ class _Run:
 
     def _agent_gone(self, agent: _Agent, reason: str) -> None:
         if agent.channel is not None:
-            try:
+            with contextlib.suppress(KeyError, ValueError):
                 self.selector.unregister(agent.channel.fileno())
-            except (KeyError, ValueError):
-                pass
             agent.channel.close()
             agent.channel = None
         if not agent.finished and not self.stopping:
@@ -414,10 +420,8 @@ class _Run:
         try:
             for agent in self.agents:
                 if agent.channel is not None and not agent.finished:
-                    try:
+                    with contextlib.suppress(ChannelClosed):
                         agent.channel.send(("stop",))
-                    except ChannelClosed:
-                        pass
             for agent in self.agents:
                 if agent.process is not None:
                     agent.process.stop()
@@ -446,7 +450,7 @@ def _start_store(host: str, timeout: int) -> Any:
     import torch.distributed as dist
 
     # Port 0: the kernel picks a free port and the store keeps it for the whole run.
-    return dist.TCPStore(host, 0, None, True, timedelta(seconds=timeout), wait_for_workers=False)
+    return dist.TCPStore(host, 0, None, True, timedelta(seconds=timeout), wait_for_workers=False)  # type: ignore[attr-defined]
 
 
 def _worker_count(spec: object, index: int, hello: tuple[Any, ...] | None) -> int:

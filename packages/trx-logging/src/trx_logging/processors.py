@@ -15,6 +15,7 @@ from typing import Any
 from structlog.dev import Column, ColumnFormatter, ConsoleRenderer
 from structlog.processors import EventRenamer, JSONRenderer
 from structlog.typing import EventDict, WrappedLogger
+
 from trx_core import LogRecord
 
 __all__ = ["CONSOLE_CHAIN", "JSONL_CHAIN", "TEXT_CHAIN", "event_dict", "render"]

@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import paramiko
+
 from trx_core import AgentFailedError, AgentSpec, ConfigurationError
 
 from .addresses import AddressError, route_source_address
@@ -51,27 +52,31 @@ _REMOTE_SCRIPT = f"printf '{_SESSION_MARKER.decode()}%s\\n' \"$$\"\n" + AGENT_SC
 # processes that left its session (a worker's child calling setsid) are found by it.
 _MARK_VAR = "TORCHRUNX_SSH_AGENT"
 
-# $1 = the agent's session id, $2 = its mark. SIGTERM first (the agent kills its workers and
-# exits), then SIGKILL whatever is left in the session or carries the mark: workers'
-# children, or everything if the agent was SIGKILLed and could not clean up. Twice, for
-# what was forked during the first sweep.
-_KILL_SCRIPT = f"""\
-sid=$1 mark="{_MARK_VAR}=$2"
-if kill -TERM "$sid" 2>/dev/null; then
-  for _ in $(seq {int(_STOP_GRACE_S * 10)}); do kill -0 "$sid" 2>/dev/null || break; sleep 0.1; done
+# The reaper: started next to each agent, over the same connection, it waits for a line on
+# stdin. `stop` sends the agent's session id: SIGTERM first (the agent kills its workers and
+# exits). End of input (the launcher died, the connection broke) means the same, without the
+# courtesy. Then SIGKILL whatever is left in the session or carries the agent's mark:
+# workers' children, or everything if the agent was SIGKILLed and could not clean up. Twice,
+# for what was forked during the first sweep. Started in advance, it is ready the moment it
+# is needed: a new SSH session costs a login shell's start-up (~0.3 s with pyenv or conda).
+# $1 = the agent's mark.
+_REAPER_SCRIPT = f"""\
+mark="{_MARK_VAR}=$1"
+read -r sid
+if [ -n "$sid" ] && kill -TERM "$sid" 2>/dev/null; then
+  for _ in $(seq {int(_STOP_GRACE_S * 50)}); do kill -0 "$sid" 2>/dev/null || break; sleep 0.02; done
 fi
 for sweep in 1 2; do
   for dir in /proc/[0-9]*; do
-    pid=${{dir#/proc/}}
-    [ "$pid" = "$$" ] && continue
-    read -r line < "$dir/stat" 2>/dev/null || continue
+    read -r line < "$dir/stat" || continue
     set -- ${{line##*) }}
-    if [ "$4" = "$sid" ]; then kill -KILL "$pid" 2>/dev/null; continue; fi
-    while IFS= read -r -d '' var; do
-      if [ "$var" = "$mark" ]; then kill -KILL "$pid" 2>/dev/null; break; fi
-    done < "$dir/environ" 2>/dev/null
+    [ -n "$sid" ] && [ "$4" = "$sid" ] && kill -KILL "${{dir#/proc/}}"
   done
-done
+  for file in $(grep -lzxF -- "$mark" /proc/[0-9]*/environ); do
+    pid=${{file#/proc/}}
+    kill -KILL "${{pid%/environ}}"
+  done
+done 2>/dev/null
 exit 0
 """
 
@@ -286,6 +291,7 @@ class SSHAgentProcess:
         self.host = host
         self._python = python
         self._mark = mark
+        self._reaper: paramiko.Channel | None = None
         self._connection = connection
         self._channel = channel
         self._ended_r, self._ended_w = os.pipe()
@@ -349,14 +355,20 @@ class SSHAgentProcess:
             status = -status
         return describe_end(status, tail, self._python)
 
+    def start_reaper(self) -> None:
+        """Start the reaper that `stop` (or the connection's end) sets off."""
+        channel = self._connection.transport.open_session(timeout=_STOP_GRACE_S)
+        channel.exec_command(shlex.join(["bash", "-c", _REAPER_SCRIPT, "torchrunx-reaper", self._mark]))
+        self._reaper = channel
+
     def stop(self) -> None:
         with self._stop_lock:
             if self._stopped:
                 return
             self._stopped = True
         try:
-            if self._session is not None and self._connection.transport.is_active():
-                self._kill_session(self._session)
+            if self._connection.transport.is_active():
+                self._reap()
             self._ended.wait(_STOP_GRACE_S)
         finally:
             self._connection.close()
@@ -366,13 +378,14 @@ class SSHAgentProcess:
                 os.close(self._ended_w)
             # else: the pipe stays open rather than be closed under a thread that may write to it
 
-    def _kill_session(self, session: int) -> None:
+    def _reap(self) -> None:
         try:
-            channel = self._connection.transport.open_session(timeout=_STOP_GRACE_S)
-            channel.settimeout(_STOP_GRACE_S + 5)
-            channel.exec_command(shlex.join(["bash", "-c", _KILL_SCRIPT, "torchrunx-stop", str(session), self._mark]))
-            channel.recv_exit_status()
-            channel.close()
+            if self._reaper is None:  # it could not be started in advance
+                self.start_reaper()
+            assert self._reaper is not None
+            self._reaper.sendall(f"{self._session or ''}\n".encode())
+            self._reaper.shutdown_write()
+            self._reaper.status_event.wait(_STOP_GRACE_S + 5)
         except Exception:
             pass  # the host is gone or the connection broke; nothing more we can do from here
 
@@ -449,6 +462,8 @@ class SSHExecutor:
             channel.sendall(spec.stdin)
             channel.shutdown_write()
             process = SSHAgentProcess(target, connection, channel, spec.python, mark)
+            with contextlib.suppress(paramiko.SSHException):  # e.g. MaxSessions 1: started when needed
+                process.start_reaper()
             process.wait_started(max(budget - (time.monotonic() - started), 1.0))
         except SSHError:
             connection.close()

@@ -129,6 +129,8 @@ def _start_time(pid: int) -> str | None:
 
 
 def _keygen(path: Path) -> Path:
+    for old in (path, path.with_name(f"{path.name}.pub")):  # from an earlier bed in the same folder
+        old.unlink(missing_ok=True)
     subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", "trx-testbed", "-f", str(path)], check=True)
     return path
 

@@ -20,6 +20,7 @@ from typing import Any
 import pytest
 import torch
 import torch.distributed as dist
+
 import torchrunx as trx
 from multihost import TestBed, write_ssh_config
 

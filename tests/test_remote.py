@@ -10,8 +10,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import torchrunx as trx
 import tyro
+
+import torchrunx as trx
 from trx_core import available_executors
 from trx_core.run import resolve_hostnames, with_discovered_workers_per_host
 from trx_remote.addresses import route_source_address

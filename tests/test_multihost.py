@@ -396,6 +396,24 @@ def test_a_host_behind_a_proxy_jump_is_reached_through_it(bed: TestBed, tmp_path
     assert trx.launch(ssh_client_address, executor="ssh", **fields)[0] == bed.hosts[0].address  # came from host1
 
 
+def test_a_host_behind_a_proxy_command_is_reached_through_it(bed: TestBed, tmp_path: Path) -> None:
+    config = ssh_config(
+        bed,
+        tmp_path,
+        f"""
+        Host through-command
+            HostName {bed.hosts[1].address}
+            ProxyCommand ssh -F {bed.ssh_config} -W %h:%p host1
+            User root
+            IdentityFile {bed.client_key}
+            IdentitiesOnly yes
+            UserKnownHostsFile {bed.known_hosts}
+        """,
+    )
+    fields = on(bed, tmp_path, hostnames=["through-command"], ssh_config_file=config, workers_per_host=1, backend=None)
+    assert trx.launch(ssh_client_address, **fields)[0] == bed.hosts[0].address
+
+
 def test_launcher_address_field_overrides_the_route_based_choice(bed: TestBed, tmp_path: Path) -> None:
     fields = on(bed, tmp_path, launcher_address=bed.second_launcher_address)
     results = trx.launch(whoami, **fields)

@@ -33,9 +33,10 @@ LAUNCHER_SCRIPT = textwrap.dedent(
 )
 
 
-def start_launcher(tmp_path: Path) -> tuple[subprocess.Popen[bytes], Path]:
-    script = tmp_path / "launcher.py"
-    script.write_text(LAUNCHER_SCRIPT)
+def start_launcher(tmp_path: Path, script: Path | None = None) -> tuple[subprocess.Popen[bytes], Path]:
+    if script is None:
+        script = tmp_path / "launcher.py"
+        script.write_text(LAUNCHER_SCRIPT)
     ready = tmp_path / "ready"
     ready.mkdir()
     launcher = subprocess.Popen(
@@ -70,3 +71,23 @@ def test_ctrl_c_in_the_launcher_raises_keyboard_interrupt_after_cleaning_up(tmp_
     launcher.wait(10)
     assert b"KeyboardInterrupt" in launcher.stderr.read()  # type: ignore[union-attr]
     assert launcher.returncode != 0
+
+
+def test_agents_stop_their_workers_when_the_launcher_stops_answering(tmp_path: Path, tag: str) -> None:
+    script = tmp_path / "frozen_launcher.py"
+    script.write_text(LAUNCHER_SCRIPT.replace('backend="gloo",', 'backend="gloo", heartbeat_timeout=3,'))
+    launcher, _ = start_launcher(tmp_path, script)
+    launcher.send_signal(signal.SIGSTOP)  # connected but silent: as a launcher whose host froze
+    try:
+        others = wait_until_gone_except(tag, launcher.pid, 3 + 5.0)
+        assert not others, f"still alive 8 s after the launcher froze: {others}"
+    finally:
+        launcher.kill()
+        launcher.wait()
+
+
+def wait_until_gone_except(tag: str, keep: int, seconds: float) -> list[int]:
+    end = time.monotonic() + seconds
+    while (left := [p for p in processes_with_tag(tag) if p != keep]) and time.monotonic() < end:
+        time.sleep(0.1)
+    return left

@@ -138,3 +138,44 @@ def test_back_to_back_short_runs_never_trip_over_their_own_teardown(local: dict[
     launcher = trx.Launcher(workers_per_host=4, **local)
     for _ in range(8):
         assert dict(launcher.run(quick)) == {0: 0, 1: 1, 2: 2, 3: 3}
+
+
+def sleep_long() -> None:
+    time.sleep(120)
+
+
+def test_an_agent_that_stops_answering_is_declared_lost_within_the_heartbeat_timeout(
+    local: dict[str, Any], tag: str
+) -> None:
+    from conftest import processes_with_tag
+
+    launcher = trx.Launcher(workers_per_host=2, heartbeat_timeout=3, **local)
+    result: dict[str, BaseException] = {}
+
+    def run() -> None:
+        try:
+            launcher.run(sleep_long)
+        except BaseException as e:
+            result["error"] = e
+
+    thread = threading.Thread(target=run)
+    thread.start()
+    deadline = time.monotonic() + 30
+    while not (agents := [p for p in processes_with_tag(tag) if b"trx_core.agent" in _cmdline(p)]):
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    time.sleep(1.5)  # let it start its workers
+    os.kill(agents[0], signal.SIGSTOP)  # alive, connected, and silent: as a host that froze
+    stopped_at = time.monotonic()
+    thread.join(30)
+    assert isinstance(result.get("error"), trx.AgentFailedError)
+    assert "stopped answering" in str(result["error"])
+    assert 3 <= time.monotonic() - stopped_at < 8
+
+
+def _cmdline(pid: int) -> bytes:
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            return f.read()
+    except OSError:
+        return b""

@@ -29,7 +29,7 @@ import time
 from typing import Any
 
 from . import _proc
-from .channel import Channel, ChannelClosed, client_handshake
+from .channel import HEARTBEAT_S, Channel, ChannelClosed, client_handshake
 from .worker import ForkedWorker, WorkerLaunch, fork_worker
 
 _READ_SIZE = 1 << 16
@@ -101,8 +101,9 @@ def _utf8_boundary(data: bytes, limit: int) -> int:
 class Agent:
     """The agent's state and event loop. Owns every worker it forks."""
 
-    def __init__(self, launcher: Channel) -> None:
+    def __init__(self, launcher: Channel, heartbeat_timeout: float) -> None:
         self.launcher = launcher
+        self.heartbeat_timeout = heartbeat_timeout
         self.selector = selectors.DefaultSelector()
         self.workers: dict[int, ForkedWorker] = {}  # by pid
         self.splitters: dict[int, _LineSplitter] = {}  # by pipe fd
@@ -120,7 +121,7 @@ class Agent:
         signal.signal(signal.SIGCHLD, lambda *_: None)
         signal.set_wakeup_fd(self._wake_w, warn_on_full_buffer=False)
         while True:
-            for key, _ in self.selector.select():
+            for key, _ in self.selector.select(HEARTBEAT_S):
                 if self.selector.get_map().get(key.fileobj) is not key:
                     continue  # closed while an earlier event of this batch was handled
                 kind, who = key.data
@@ -135,6 +136,11 @@ class Agent:
                 else:
                     self._from_worker_pipe(key.fd, who, kind)
             self._flush_logs()
+            now = time.monotonic()
+            if now - self.launcher.last_received > self.heartbeat_timeout:
+                return  # the launcher's host is gone or cut off: nobody is left to report to
+            if now - self.launcher.last_sent >= HEARTBEAT_S:
+                self.launcher.send(("beat",))
 
     def _from_launcher(self) -> bool:
         try:
@@ -275,6 +281,7 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--launcher", required=True, help="HOST:PORT of the launcher")
     parser.add_argument("--host-index", type=int, required=True)
     parser.add_argument("--connect-timeout", type=float, default=60.0)
+    parser.add_argument("--heartbeat-timeout", type=float, default=15.0)
     return parser.parse_args(argv)
 
 
@@ -296,7 +303,7 @@ def main(argv: list[str] | None = None) -> int:
         gpus = _import_torch()
         cpus = len(os.sched_getaffinity(0))
         launcher.send(("hello", args.host_index, socket.gethostname(), os.getpid(), gpus, cpus, _free_port()))
-        agent = Agent(launcher)
+        agent = Agent(launcher, args.heartbeat_timeout)
         agent.serve()
     except (_Terminate, ChannelClosed):
         pass

@@ -18,9 +18,11 @@ import os
 import pickle
 import socket
 import struct
+import time
 from typing import Any
 
 __all__ = [
+    "HEARTBEAT_S",
     "AuthenticationFailed",
     "Channel",
     "ChannelClosed",
@@ -32,6 +34,9 @@ __all__ = [
 _PREFIX = struct.Struct("!QQ")  # header length, blob length
 _MAX_HEADER = 64 * 1024 * 1024
 _RELAY_CHUNK = 1 << 20
+
+HEARTBEAT_S = 1.0
+"""Launcher and agents send each other a heartbeat after this long without sending anything else."""
 _NONCE = 32
 _DIGEST = hashlib.sha256
 
@@ -91,6 +96,7 @@ class Channel:
 
     def __init__(self, sock: socket.socket) -> None:
         self.sock = sock
+        self.last_sent = self.last_received = time.monotonic()  # for heartbeats
 
     def fileno(self) -> int:
         return self.sock.fileno()
@@ -123,6 +129,7 @@ class Channel:
             header = pickle.loads(_recv_exactly(self.sock, head_len))
         except ConnectionResetError as e:
             raise ChannelClosed(str(e)) from e
+        self.last_received = time.monotonic()
         return header, blob_len
 
     def forward(self, header: tuple[Any, ...], blob_len: int, source: Channel) -> bool:
@@ -162,6 +169,7 @@ class Channel:
             self.sock.sendall(_PREFIX.pack(len(head), blob_len) + head)
         except (BrokenPipeError, ConnectionResetError) as e:
             raise ChannelClosed(str(e)) from e
+        self.last_sent = time.monotonic()
 
     def close(self) -> None:
         self.sock.close()

@@ -91,6 +91,10 @@ class Launcher:
     timeout: int = 600
     """Timeout (seconds) of the workers' process group, and for agents to start."""
 
+    heartbeat_timeout: float = 15.0
+    """Seconds without a word from an agent (a host) before it is declared lost; an agent that
+    hears nothing from the launcher for as long stops its workers. Heartbeats go every second."""
+
     executor: str = "auto"
     """How agents are started: ``auto`` (local for this machine, SSH otherwise), ``local``,
     ``ssh``, or the name of an installed executor plugin."""
@@ -138,6 +142,11 @@ class Launcher:
             raise ConfigurationError(f"unknown backend {self.backend!r}: use one of {', '.join(_BACKENDS)} or None")
         if not isinstance(self.timeout, int) or isinstance(self.timeout, bool) or self.timeout <= 0:
             raise ConfigurationError(f"timeout must be a positive number of seconds, got {self.timeout!r}")
+        if not isinstance(self.heartbeat_timeout, (int, float)) or not self.heartbeat_timeout >= 3:
+            raise ConfigurationError(
+                f"heartbeat_timeout must be at least 3 seconds (heartbeats go every second), "
+                f"got {self.heartbeat_timeout!r}"
+            )
         if isinstance(self.env_vars, str):
             raise ConfigurationError(f"env_vars must be a tuple of patterns, not the string {self.env_vars!r}")
         # Remote hosts may hold a file this machine does not; only local runs are checked here.

@@ -23,7 +23,7 @@ from datetime import datetime, timedelta
 from typing import TYPE_CHECKING, Any
 
 from . import _pickling
-from .channel import AuthenticationFailed, Channel, ChannelClosed, send_challenge, verify_answer
+from .channel import HEARTBEAT_S, AuthenticationFailed, Channel, ChannelClosed, send_challenge, verify_answer
 from .errors import AgentFailedError, ConfigurationError, WorkerError, WorkerFailedError, attach_remote_traceback
 from .executor import AgentProcess, AgentSpec, NodeExecutor, resolve_executor
 from .logs import LogPipeline, LogRecord, RunInfo, resolve_log_pipeline
@@ -172,11 +172,14 @@ class _Run:
                     self._accept()
                 elif kind == "pending":
                     self._authenticate(key.fileobj, agent)  # type: ignore[arg-type]
+                elif kind == "authenticated":
+                    self._hello(key.fileobj)  # type: ignore[arg-type]
                 elif kind == "agent":
                     self._from_agent(agent)
                 elif kind == "process":
                     self._agent_process_ended(agent)
             now = time.monotonic()
+            self._heartbeat(now)
             if self.stopping and now > self.stop_deadline:
                 break
             if self.stop_at is not None and now >= self.stop_at:
@@ -192,15 +195,34 @@ class _Run:
     def _launcher_address(self, hostname: str) -> str:
         return self.launcher.launcher_address or self.executor.launcher_address(hostname)
 
-    def _next_timeout(self) -> float | None:
+    def _next_timeout(self) -> float:
         now = time.monotonic()
         if self.stopping:
-            return max(0.0, self.stop_deadline - now)
+            return max(0.0, min(self.stop_deadline - now, HEARTBEAT_S))
         if self.stop_at is not None:
-            return max(0.0, self.stop_at - now)
+            return max(0.0, min(self.stop_at - now, HEARTBEAT_S))
         if not self._all_started():
-            return max(0.0, self.start_deadline - now)
-        return None
+            return max(0.0, min(self.start_deadline - now, HEARTBEAT_S))
+        return HEARTBEAT_S
+
+    def _heartbeat(self, now: float) -> None:
+        """Tell every agent we are here; declare lost an agent we have not heard from."""
+        for agent in self.agents:
+            channel = agent.channel
+            if channel is None or agent.finished:
+                continue
+            silent = now - channel.last_received
+            if silent > self.launcher.heartbeat_timeout:
+                self._agent_gone(
+                    agent,
+                    f"it stopped answering: nothing heard from it for {silent:.1f} s "
+                    "(host down, or the network to it cut?)",
+                )
+            elif now - channel.last_sent >= HEARTBEAT_S:
+                try:
+                    channel.send(("beat",))
+                except ChannelClosed:
+                    self._agent_gone(agent, "its connection to the launcher closed")
 
     def _done(self) -> bool:
         if self.stopping:
@@ -224,7 +246,10 @@ class _Run:
             spec = AgentSpec(
                 hostname=agent.hostname,
                 python=sys.executable,
-                args=("-m", "trx_core.agent", "--launcher", f"{host}:{port}", "--host-index", str(agent.index)),
+                args=(
+                    *("-m", "trx_core.agent", "--launcher", f"{host}:{port}", "--host-index", str(agent.index)),
+                    *("--heartbeat-timeout", str(self.launcher.heartbeat_timeout)),
+                ),
                 cwd=os.getcwd(),
                 env=env,
                 env_file=env_file,
@@ -264,11 +289,20 @@ class _Run:
         self.selector.unregister(conn)
         try:
             verify_answer(conn, self.secret, challenge)
-            conn.settimeout(None)
-            conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            header, _ = Channel(conn).recv()
-        except (AuthenticationFailed, ChannelClosed, OSError, EOFError):
+        except (AuthenticationFailed, ChannelClosed, OSError):
             conn.close()  # not one of ours: dropped, nothing it sent was unpickled
+            return
+        conn.settimeout(None)
+        conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        # The agent says hello once it has imported torch: wait for it without blocking the others.
+        self.selector.register(conn, selectors.EVENT_READ, ("authenticated", None))
+
+    def _hello(self, conn: socket.socket) -> None:
+        self.selector.unregister(conn)
+        try:
+            header, _ = Channel(conn).recv()
+        except (ChannelClosed, OSError, EOFError):
+            conn.close()
             return
         if header[0] != "hello" or not (0 <= header[1] < len(self.agents)) or self.agents[header[1]].channel:
             conn.close()
@@ -429,7 +463,7 @@ class _Run:
                     agent.channel.close()
         finally:
             for key in list(self.selector.get_map().values()):
-                if key.data[0] == "pending":
+                if key.data[0] in ("pending", "authenticated"):
                     key.fileobj.close()  # type: ignore[union-attr]
             self.selector.close()
             if self.listener is not None:

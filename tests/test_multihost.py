@@ -347,9 +347,8 @@ def test_a_missing_python_interpreter_on_a_host_is_reported_naming_it(
 def test_torchrunx_missing_for_the_hosts_interpreter_is_reported(
     bed: TestBed, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    bare = "/usr/bin/python3"  # Debian's own interpreter: no torch, no torchrunx
-    if not os.access(bare, os.X_OK):
-        pytest.skip(f"{bare} is not installed")
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", tmp_path / "bare"], check=True)
+    bare = str(tmp_path / "bare" / "bin" / "python")  # an interpreter without torchrunx
     monkeypatch.setattr(sys, "executable", bare)
     error, elapsed = launch_fails(trx.AgentFailedError, **on(bed, tmp_path))
     assert f"torchrunx is not installed for {bare}" in str(error)

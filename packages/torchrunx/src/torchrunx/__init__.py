@@ -11,11 +11,12 @@ from trx_core import (
     DEFAULT_ENV_VARS,
     AgentFailedError,
     ConfigurationError,
-    LaunchResult,
     Launcher,
+    LaunchResult,
     LogRecord,
     WorkerError,
     WorkerFailedError,
+    WorkerHungError,
     launch,
 )
 
@@ -28,5 +29,6 @@ __all__ = [
     "LogRecord",
     "WorkerError",
     "WorkerFailedError",
+    "WorkerHungError",
     "launch",
 ]

@@ -5,7 +5,7 @@ interfaces other packages implement: node executors (`NodeExecutor`) and log pip
 (`LogPipeline`). It depends on torch and cloudpickle only; importing it does not import torch.
 """
 
-from .errors import AgentFailedError, ConfigurationError, WorkerError, WorkerFailedError
+from .errors import AgentFailedError, ConfigurationError, WorkerError, WorkerFailedError, WorkerHungError
 from .executor import AgentProcess, AgentSpec, NodeExecutor, available_executors, register_executor
 from .launcher import DEFAULT_ENV_VARS, Launcher, launch
 from .logs import ConsolePipeline, LogPipeline, LogRecord, RunInfo
@@ -26,6 +26,7 @@ __all__ = [
     "RunInfo",
     "WorkerError",
     "WorkerFailedError",
+    "WorkerHungError",
     "available_executors",
     "launch",
     "register_executor",

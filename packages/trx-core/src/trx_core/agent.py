@@ -150,6 +150,11 @@ class Agent:
         if header[0] == "start":
             self._start_workers(header[1], blob)
             return True
+        if header[0] == "dump":  # a rank looks hung: each worker logs its stack, says how long it is stuck
+            for worker in self.workers.values():
+                with contextlib.suppress(ChannelClosed, OSError):
+                    worker.control.send(("report",))
+            return True
         if header[0] == "stop":
             self.stop()
             self.launcher.send(("stopped",))

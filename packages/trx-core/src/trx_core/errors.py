@@ -5,6 +5,7 @@ from __future__ import annotations
 __all__ = [
     "AgentFailedError",
     "ConfigurationError",
+    "WorkerHungError",
     "WorkerError",
     "WorkerFailedError",
     "attach_remote_traceback",
@@ -25,6 +26,26 @@ class WorkerFailedError(RuntimeError):
         self.how = how
         super().__init__(
             f"worker rank {rank} (host {hostname!r}, local rank {local_rank}) died without raising an exception: {how}"
+        )
+
+
+class WorkerHungError(RuntimeError):
+    """Workers made no progress for `Launcher.hang_timeout` seconds.
+
+    `stalled` maps each stuck rank to ``(hostname, seconds without progress, where)``. The
+    stacks of every worker of the run were written into their log files before they were stopped.
+    """
+
+    def __init__(self, stalled: dict[int, tuple[str, float, str]], hang_timeout: float) -> None:
+        self.stalled = dict(sorted(stalled.items()))
+        self.ranks = list(self.stalled)
+        lines = "".join(
+            f"\n  rank {rank} on {host!r}: {seconds:.1f} s at {where}"
+            for rank, (host, seconds, where) in self.stalled.items()
+        )
+        super().__init__(
+            f"rank{'s' * (len(self.ranks) > 1)} {', '.join(map(str, self.ranks))} made no progress for "
+            f"hang_timeout={hang_timeout:g} s:{lines}\nEvery worker's stack is in its log file."
         )
 
 

@@ -91,6 +91,11 @@ class Launcher:
     timeout: int = 600
     """Timeout (seconds) of the workers' process group, and for agents to start."""
 
+    hang_timeout: float | None = None
+    """Seconds a worker may go without progress (its main thread staying at the same spot, e.g.
+    blocked in a collective whose peer hangs) before the run is stopped with `WorkerHungError`,
+    every worker's stack written to its log. None: never."""
+
     heartbeat_timeout: float = 15.0
     """Seconds without a word from an agent (a host) before it is declared lost; an agent that
     hears nothing from the launcher for as long stops its workers. Heartbeats go every second."""
@@ -142,6 +147,12 @@ class Launcher:
             raise ConfigurationError(f"unknown backend {self.backend!r}: use one of {', '.join(_BACKENDS)} or None")
         if not isinstance(self.timeout, int) or isinstance(self.timeout, bool) or self.timeout <= 0:
             raise ConfigurationError(f"timeout must be a positive number of seconds, got {self.timeout!r}")
+        if self.hang_timeout is not None and not (
+            isinstance(self.hang_timeout, (int, float)) and self.hang_timeout > 0
+        ):
+            raise ConfigurationError(
+                f"hang_timeout must be a positive number of seconds or None, got {self.hang_timeout!r}"
+            )
         if not isinstance(self.heartbeat_timeout, (int, float)) or not self.heartbeat_timeout >= 3:
             raise ConfigurationError(
                 f"heartbeat_timeout must be at least 3 seconds (heartbeats go every second), "

@@ -24,7 +24,14 @@ from typing import TYPE_CHECKING, Any
 
 from . import _pickling
 from .channel import HEARTBEAT_S, AuthenticationFailed, Channel, ChannelClosed, send_challenge, verify_answer
-from .errors import AgentFailedError, ConfigurationError, WorkerError, WorkerFailedError, attach_remote_traceback
+from .errors import (
+    AgentFailedError,
+    ConfigurationError,
+    WorkerError,
+    WorkerFailedError,
+    WorkerHungError,
+    attach_remote_traceback,
+)
 from .executor import AgentProcess, AgentSpec, NodeExecutor, resolve_executor
 from .logs import LogPipeline, LogRecord, RunInfo, resolve_log_pipeline
 from .results import LaunchResult
@@ -36,6 +43,7 @@ if TYPE_CHECKING:
 _STOP_GRACE_S = 3.0
 _HANDSHAKE_TIMEOUT_S = 2.0
 _GATHER_S = 0.05
+_HANG_GATHER_S = 1.0
 
 
 def execute(
@@ -151,6 +159,8 @@ class _Run:
         self.stop_deadline = 0.0
         self.start_deadline = 0.0
         self.pipeline_open = False
+        self.stalled: dict[int, tuple[str, float, str]] = {}  # rank -> (host, seconds, where)
+        self.hang_at: float | None = None  # when to fail the run as hung
 
     # -- the run ----------------------------------------------------------------------
     def execute(self) -> LaunchResult:
@@ -182,6 +192,12 @@ class _Run:
             self._heartbeat(now)
             if self.stopping and now > self.stop_deadline:
                 break
+            if self.hang_at is not None and now >= self.hang_at and not self.stopping:
+                self.hang_at = None
+                bound = self.launcher.hang_timeout or 0
+                stuck = {rank: state for rank, state in self.stalled.items() if state[1] >= bound / 2}
+                error = WorkerHungError(stuck, bound)
+                self._fail(error, str(error).splitlines()[0])
             if self.stop_at is not None and now >= self.stop_at:
                 self._stop_all()
             if not (self.stopping or self._all_started()) and now > self.start_deadline:
@@ -201,6 +217,8 @@ class _Run:
             return max(0.0, min(self.stop_deadline - now, HEARTBEAT_S))
         if self.stop_at is not None:
             return max(0.0, min(self.stop_at - now, HEARTBEAT_S))
+        if self.hang_at is not None:
+            return max(0.0, min(self.hang_at - now, HEARTBEAT_S))
         if not self._all_started():
             return max(0.0, min(self.start_deadline - now, HEARTBEAT_S))
         return HEARTBEAT_S
@@ -344,7 +362,15 @@ class _Run:
                     "MASTER_PORT": str(master_port),
                 }
                 launches.append(
-                    WorkerLaunch(rank, local_rank, env, self.launcher.backend, self.launcher.timeout, tuple(sys.path))
+                    WorkerLaunch(
+                        rank,
+                        local_rank,
+                        env,
+                        self.launcher.backend,
+                        self.launcher.timeout,
+                        tuple(sys.path),
+                        self.launcher.hang_timeout,
+                    )
                 )
             assert agent.channel is not None
             agent.channel.send(("start", launches), *self.payload)
@@ -364,6 +390,8 @@ class _Run:
             self.results[agent.ranks[header[1]]] = blob
         elif kind == "error":
             self._worker_raised(agent, header, blob)
+        elif kind == "stalled":
+            self._worker_stalled(agent, header)
         elif kind == "discard":
             self.results.pop(agent.ranks[header[1]], None)
         elif kind == "exit":
@@ -389,6 +417,18 @@ class _Run:
         attach_remote_traceback(exception, where, traceback_text)
         self.exits.setdefault(rank, "raised an exception")
         self._fail(exception, f"rank {rank} on {agent.hostname!r} raised {type_name}: {message}")
+
+    def _worker_stalled(self, agent: _Agent, header: tuple[Any, ...]) -> None:
+        _, local_rank, seconds, where = header
+        self.stalled[agent.ranks[local_rank]] = (agent.hostname, seconds, where)
+        if self.hang_at is None and not self.stopping:
+            # Have every worker write its stack to its log and say how long it has been stuck,
+            # so that the error names every stuck rank, not only the first to notice.
+            for other in self.agents:
+                if other.channel is not None and not other.finished:
+                    with contextlib.suppress(ChannelClosed):
+                        other.channel.send(("dump",))
+            self.hang_at = time.monotonic() + _HANG_GATHER_S
 
     def _worker_exited(self, agent: _Agent, local_rank: int, how: str) -> None:
         rank = agent.ranks[local_rank]

@@ -9,15 +9,19 @@ return value or exception is sent back over the worker's control socket.
 from __future__ import annotations
 
 import contextlib
+import faulthandler
 import io
 import logging
 import os
+import select
 import signal
 import socket
 import sys
+import sysconfig
 import threading
 import time
 import traceback
+import types
 from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import timedelta
@@ -43,6 +47,8 @@ class WorkerLaunch:
     timeout: int
     sys_path: tuple[str, ...] = ()
     """The launcher's ``sys.path``: what imports there, imports here (same paths permitting)."""
+    hang_timeout: float | None = None
+    """Report the worker as stalled once its main thread stays put this long (None: never)."""
 
 
 @dataclass
@@ -142,6 +148,12 @@ def _run(launch: WorkerLaunch, payload: bytes | bytearray, channel: Channel) -> 
     _share_cpu_threads(launch)
     control = _LockedChannel(channel)
     _capture_logging(control)
+    # `kill -USR1 <worker>` (or a hang report) writes every thread's stack into the worker's log.
+    faulthandler.register(signal.SIGUSR1, file=sys.stderr, all_threads=True)
+    if launch.hang_timeout is not None:
+        threading.Thread(
+            target=_watch_progress, args=(channel, control, launch.local_rank, launch.hang_timeout), daemon=True
+        ).start()
     exit_code = 0
     try:
         func, args, kwargs = _pickling.loads(payload)
@@ -167,6 +179,58 @@ def _run(launch: WorkerLaunch, payload: bytes | bytearray, channel: Channel) -> 
             with contextlib.suppress(Exception):
                 stream.flush()
     os._exit(exit_code)
+
+
+def _watch_progress(channel: Channel, control: _LockedChannel, local_rank: int, bound: float) -> None:
+    """Report once the main thread has made no progress for `bound` seconds. When the agent
+    asks (another rank looks hung), write every thread's stack to stderr and report how long.
+
+    No progress: the main thread stays at the same bytecode and uses no CPU time, as a rank
+    blocked in a collective, on a lock or in a sleep does. A rank spinning on the CPU counts
+    as progressing. This thread is the only reader of `channel`.
+    """
+    main = threading.main_thread()
+    assert main.ident is not None
+    cpu_clock = time.pthread_getcpuclockid(main.ident)
+    interval = min(1.0, bound / 4)
+    last: tuple[Any, ...] = ()
+    since, reported = time.monotonic(), False
+    while True:
+        asked = bool(select.select([channel.sock], [], [], interval)[0])
+        if asked:
+            channel.recv()  # ("report",)
+        frame = sys._current_frames().get(main.ident)
+        state = (id(frame), frame.f_lasti if frame else -1, time.clock_gettime_ns(cpu_clock))
+        now = time.monotonic()
+        if state != last:
+            last, since, reported = state, now, False
+        if frame is None:
+            continue
+        if asked:
+            faulthandler.dump_traceback(file=sys.stderr, all_threads=True)
+            control.send(("stalled", local_rank, now - since, _where(frame)))
+        elif not reported and now - since >= bound:
+            control.send(("stalled", local_rank, now - since, _where(frame)))
+            reported = True
+
+
+def _where(frame: types.FrameType) -> str:
+    """Where a stuck thread is: its innermost frame in the user's code (not torch's, the
+    standard library's or ours), else its innermost frame."""
+    library = (
+        sysconfig.get_paths()["stdlib"],
+        os.path.dirname(os.path.dirname(torch_file())),
+        os.path.dirname(__file__),
+    )
+    stack = traceback.extract_stack(frame)
+    spot = next((f for f in reversed(stack) if not f.filename.startswith(library)), stack[-1])
+    return f"{spot.filename}:{spot.lineno} in {spot.name}"
+
+
+def torch_file() -> str:
+    import torch
+
+    return str(torch.__file__)
 
 
 def _share_cpu_threads(launch: WorkerLaunch) -> None:

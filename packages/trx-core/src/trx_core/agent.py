@@ -29,9 +29,10 @@ import time
 from typing import Any
 
 from . import _proc
-from .channel import HEARTBEAT_S, Channel, ChannelClosed, client_handshake
+from .channel import HEARTBEAT_S, AuthenticationFailed, Channel, ChannelClosed, client_handshake
 from .worker import ForkedWorker, WorkerLaunch, fork_worker
 
+EXIT_NO_LAUNCHER = 2
 _READ_SIZE = 1 << 16
 _MAX_LINE = 1 << 16
 _MAX_DRAIN_READS = 256  # 16 MiB
@@ -300,8 +301,26 @@ def main(argv: list[str] | None = None) -> int:
     host, _, port = args.launcher.rpartition(":")
     agent: Agent | None = None
     try:
-        sock = socket.create_connection((host.strip("[]"), int(port)), timeout=args.connect_timeout)
-        client_handshake(sock, secret)
+        try:
+            sock = socket.create_connection((host.strip("[]"), int(port)), timeout=args.connect_timeout)
+        except OSError as e:
+            print(
+                f"torchrunx: the agent on host {socket.gethostname()} cannot reach the launcher at "
+                f"{args.launcher}: {e.strerror or e}. Check that this host can reach the launcher's machine "
+                "(firewall, routes), or set Launcher.launcher_address to its address as seen from here.",
+                file=sys.stderr,
+            )
+            return EXIT_NO_LAUNCHER
+        try:
+            client_handshake(sock, secret)
+        except (ChannelClosed, AuthenticationFailed, OSError) as e:
+            print(
+                f"torchrunx: the launcher at {args.launcher} and the agent on host {socket.gethostname()} "
+                f"do not share this run's secret ({e}): the agent is not one of this run's, or the "
+                "address belongs to another program.",
+                file=sys.stderr,
+            )
+            return EXIT_NO_LAUNCHER
         sock.settimeout(None)
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         launcher = Channel(sock)

@@ -496,9 +496,13 @@ class _Run:
                 if agent.channel is not None and not agent.finished:
                     with contextlib.suppress(ChannelClosed):
                         agent.channel.send(("stop",))
+            processes = [a.process for a in self.agents if a.process is not None]
+            if len(processes) > 1:  # each may take a moment (a remote kill): all at once
+                with ThreadPoolExecutor(max_workers=min(len(processes), 64)) as pool:
+                    list(pool.map(lambda process: process.stop(), processes))
+            elif processes:
+                processes[0].stop()
             for agent in self.agents:
-                if agent.process is not None:
-                    agent.process.stop()
                 if agent.channel is not None:
                     agent.channel.close()
         finally:

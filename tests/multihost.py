@@ -170,12 +170,23 @@ def _die_with_parent() -> None:  # runs in the child, before exec: sshd goes if 
     ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
 
 
+def _blank_file(workdir: Path) -> Path:
+    path = workdir / "blank_bashrc"
+    path.write_text("")
+    return path
+
+
 def _start_sshd(workdir: Path, host: Host, hosts_file: Path) -> None:
     argv = [
         "ip", "netns", "exec", host.netns,
         "unshare", "--uts", "--mount", "--propagation", "private",
-        "sh", "-c", 'hostname "$1" && mount --bind "$2" /etc/hosts && shift 2 && exec "$@"',
-        "sh", host.alias, str(hosts_file),
+        # Own hostname and /etc/hosts; and a blank ~/.bashrc, which Debian's bash reads for every
+        # command run over ssh: the hosts must not depend on this machine's shell setup (a
+        # pyenv rehash there can wait a minute on a lock left by a killed session).
+        "sh", "-c",
+        'hostname "$1" && mount --bind "$2" /etc/hosts && { [ ! -e "$3" ] || mount --bind "$4" "$3"; }'
+        ' && shift 4 && exec "$@"',
+        "sh", host.alias, str(hosts_file), os.path.expanduser("~/.bashrc"), str(_blank_file(workdir)),
         SSHD, "-D", "-e", "-f", str(_sshd_config(workdir, host)),
     ]  # fmt: skip
     log = workdir / f"sshd.{host.alias}.log"

@@ -42,7 +42,7 @@ DEFAULT_CONNECT_TIMEOUT_S = 10.0
 """Used when the config sets no ConnectTimeout (OpenSSH would wait for the kernel's TCP timeout)."""
 
 _SESSION_MARKER = b"torchrunx-agent-session "
-_STOP_GRACE_S = 2.0
+_STOP_GRACE_S = 1.0  # for the agent to stop its workers after SIGTERM; then everything is SIGKILLed
 _OUTPUT_TAIL = 4000
 
 # Prints the session id (= its own pid, after setsid) so that `stop` can kill the session.
@@ -367,9 +367,10 @@ class SSHAgentProcess:
                 return
             self._stopped = True
         try:
-            if self._connection.transport.is_active():
-                self._reap()
-            self._ended.wait(_STOP_GRACE_S)
+            # A host that does not answer the reaper is cut off or down: waiting longer for its
+            # agent to end is pointless (it stops itself once it misses the launcher's heartbeats).
+            if self._connection.transport.is_active() and self._reap():
+                self._ended.wait(_STOP_GRACE_S)
         finally:
             self._connection.close()
             self._reader.join(_STOP_GRACE_S)
@@ -378,16 +379,17 @@ class SSHAgentProcess:
                 os.close(self._ended_w)
             # else: the pipe stays open rather than be closed under a thread that may write to it
 
-    def _reap(self) -> None:
+    def _reap(self) -> bool:
+        """Have the reaper kill the agent's processes; True if it said it did."""
         try:
             if self._reaper is None:  # it could not be started in advance
                 self.start_reaper()
             assert self._reaper is not None
             self._reaper.sendall(f"{self._session or ''}\n".encode())
             self._reaper.shutdown_write()
-            self._reaper.status_event.wait(_STOP_GRACE_S + 5)
+            return bool(self._reaper.status_event.wait(_STOP_GRACE_S + 0.5))
         except Exception:
-            pass  # the host is gone or the connection broke; nothing more we can do from here
+            return False  # the host is gone or the connection broke; nothing more we can do from here
 
 
 class SSHExecutor:

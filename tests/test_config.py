@@ -146,3 +146,20 @@ def test_a_failing_env_file_is_reported_quickly_naming_the_file(local: dict[str,
         trx.launch(noop, env_file=env_file, **local)
     assert time.monotonic() - start < 5
     assert "about to fail" in str(info.value) and info.value.hostname == "localhost"
+
+
+def test_backend_nccl_on_a_host_without_gpus_is_refused_before_workers_start(local: dict[str, Any]) -> None:
+    local["backend"] = "nccl"
+    with pytest.raises(trx.ConfigurationError, match="backend='nccl' needs CUDA GPUs, but host 'localhost' has none"):
+        trx.launch(noop, **local)
+    assert not list(Path(local["logs"]).glob("*.log"))  # no worker was started
+
+
+def test_an_env_vars_pattern_that_matches_nothing_is_a_warning_not_an_error(local: dict[str, Any]) -> None:
+    with pytest.warns(UserWarning, match="pattern 'MYAPP_TYPO\\*' matches no variable"):
+        trx.launch(noop, env_vars=(*trx.DEFAULT_ENV_VARS, "MYAPP_TYPO*"), **local)
+
+
+def test_an_env_file_that_is_a_folder_is_refused(local: dict[str, Any], tmp_path: Path) -> None:
+    with pytest.raises(trx.ConfigurationError, match="does not exist or is not a file"):
+        trx.launch(noop, env_file=tmp_path, **local)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import fnmatch
 import os
+import warnings
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from importlib.metadata import PackageNotFoundError, version
@@ -168,6 +169,13 @@ class Launcher:
         ):
             raise ConfigurationError(f"env_file {str(self.env_file)!r} does not exist or is not a file")
         check_numpy_torch_versions()
+        for pattern in self.env_vars:
+            if pattern not in DEFAULT_ENV_VARS and not any(fnmatch.fnmatchcase(k, pattern) for k in os.environ):
+                warnings.warn(
+                    f"env_vars pattern {pattern!r} matches no variable of the launcher's environment: "
+                    "nothing is copied for it (names are case-sensitive)",
+                    stacklevel=3,
+                )
 
     def matched_env(self, environ: Mapping[str, str] | None = None) -> dict[str, str]:
         """The launcher's environment variables that `env_vars` selects."""

@@ -336,6 +336,13 @@ class _Run:
             self._send_start()
 
     def _send_start(self) -> None:
+        if self.launcher.backend == "nccl":
+            without_gpu = [a.hostname for a in self.agents if a.hello is not None and a.hello[4] == 0]
+            if without_gpu:
+                raise ConfigurationError(
+                    f"backend='nccl' needs CUDA GPUs, but host {without_gpu[0]!r} has none: use backend='gloo' "
+                    "(or 'auto', which picks nccl where there are GPUs and gloo where there are none)"
+                )
         counts = [_worker_count(self.launcher.workers_per_host, a.index, a.hello) for a in self.agents]
         self.pipeline.open(RunInfo(self.start, [a.hostname for a in self.agents], counts))
         self.pipeline_open = True

@@ -162,13 +162,11 @@ def test_a_failing_worker_or_agent_is_reported_and_the_run_cleaned_up(
     assert f"last words of rank {rank}" in worker_log(topology, host, local_rank)
 
 
+@pytest.mark.parametrize("topology", ["ssh"], indirect=True)  # needs a second host to cut off
 def test_a_host_cut_off_from_the_network_is_reported_and_its_processes_stop(
-    topology: dict[str, Any], tmp_path: Path, tag: str, request: pytest.FixtureRequest
+    topology: dict[str, Any], tmp_path: Path, tag: str, multihost_bed: Any
 ) -> None:
-    if len(topology["hostnames"]) == 1:
-        pytest.skip("needs a second host to cut off")
-    bed = request.getfixturevalue("multihost_bed")
-    netns = bed.hosts[-1].netns
+    netns = multihost_bed.hosts[-1].netns
     rank, host, _ = last_rank(topology)
     stamp = tmp_path / "failed_at"
     cutter = subprocess.Popen(  # cuts the host's link once its last rank has started failing

@@ -51,37 +51,39 @@ def _default_logs() -> Path | None:
 class Launcher:
     """Runs a function on every worker of one or many hosts.
 
-    Every field is a plain type, so ``tyro.cli(Launcher)`` builds one from the command line.
+    Every field is a plain type, so ``tyro.cli(Launcher)`` builds one from the command line,
+    with these descriptions as the help of its flags.
     """
 
+    # Field docs are plain text: tyro prints them as they are in --help.
     hostnames: list[str] | Literal["auto", "slurm"] = "auto"
-    """Hosts to run on. ``auto``: the SLURM allocation if inside one, else this machine."""
+    """Hosts to run on. "auto": the SLURM allocation if inside one, else this machine."""
 
     workers_per_host: int | list[int] | Literal["auto", "gpu", "cpu"] = "auto"
-    """Workers per host (one number for all, or one per host). ``gpu``: one per GPU;
-    ``cpu``: one per CPU core; ``auto``: one per GPU if the host has any, else 1."""
+    """Workers per host: one number for all hosts, or one per host; "gpu": one per GPU; "cpu": one
+    per CPU core; "auto": one per GPU if the host has any, else 1."""
 
     ssh_config_file: Path | None = None
-    """OpenSSH-format config used to reach hosts (default: ``~/.ssh/config``)."""
+    """OpenSSH-format config used to reach hosts (None: ~/.ssh/config)."""
 
     launcher_address: str | None = None
-    """The address at which agents and workers reach this machine (default: chosen per host,
-    this machine's address on the route to that host). Set it when routes mislead, e.g. behind NAT."""
+    """The address at which agents and workers reach this machine (None: for each host, this
+    machine's address on the route to it). Set it when routes mislead, e.g. behind NAT."""
 
     backend: Backend | None = "auto"
-    """Backend of the workers' process group; ``auto``: nccl with CUDA, else gloo; None: no group."""
+    """Backend of the workers' process group. "auto": nccl with CUDA, else gloo; None: no group."""
 
     logs: Path | None = field(default_factory=_default_logs)
-    """Folder for the run's log files (default ``$TORCHRUNX_LOG_DIR`` or ``./torchrunx_logs``);
-    None: write no files."""
+    """Folder for the run's log files (default: $TORCHRUNX_LOG_DIR, else ./torchrunx_logs); None:
+    write no files."""
 
     log_console: Literal["stdout", "stderr"] | None = "stdout"
     """Where the launcher shows agent 0's log (its messages and rank 0's output) as it happens;
     None: nowhere."""
 
     log_format: Literal["text", "jsonl"] = "text"
-    """How log files render each record: ``text`` (``.log`` files, for people) or ``jsonl``
-    (``.jsonl`` files, one JSON object per line, for machines)."""
+    """How log files render each record: "text" (.log files, for people) or "jsonl" (.jsonl
+    files, one JSON object per line, for machines)."""
 
     env_vars: tuple[str, ...] = DEFAULT_ENV_VARS
     """Launcher environment variables copied to agents and workers (fnmatch patterns)."""
@@ -90,11 +92,11 @@ class Launcher:
     """A file that bash sources on every host before the agent starts."""
 
     timeout: int = 600
-    """Timeout (seconds) of the workers' process group, and for agents to start."""
+    """Timeout in seconds of the workers' process group, and for agents to start."""
 
     hang_timeout: float | None = None
     """Seconds a worker may go without progress (its main thread staying at the same spot, e.g.
-    blocked in a collective whose peer hangs) before the run is stopped with `WorkerHungError`,
+    blocked in a collective whose peer hangs) before the run is stopped with WorkerHungError,
     every worker's stack written to its log. None: never."""
 
     heartbeat_timeout: float = 15.0
@@ -102,8 +104,8 @@ class Launcher:
     hears nothing from the launcher for as long stops its workers. Heartbeats go every second."""
 
     executor: str = "auto"
-    """How agents are started: ``auto`` (local for this machine, SSH otherwise), ``local``,
-    ``ssh``, or the name of an installed executor plugin."""
+    """How agents are started: "auto" (local for this machine, SSH otherwise), "local", "ssh",
+    or the name of an installed executor plugin."""
 
     def run(
         self,

@@ -192,3 +192,19 @@ def test_an_unknown_executor_name_lists_the_installed_ones(no_slurm: None) -> No
 def test_executor_local_is_used_for_every_host_when_forced() -> None:
     results = trx.launch(socket.gethostname, hostnames=["not-this-machine"], executor="local", backend=None, logs=None)
     assert results[0] == socket.gethostname()
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("Host node1\n    HostName\n", "cannot parse ssh_config_file .*Unparsable line HostName"),
+        ("Host node1\n    Port abc\n", "ssh config for host 'node1': invalid literal .* 'abc'"),
+    ],
+)
+def test_a_malformed_ssh_config_file_is_a_configuration_error_naming_the_problem(
+    tmp_path: Path, text: str, message: str
+) -> None:
+    config = tmp_path / "ssh_config"
+    config.write_text(text)
+    with pytest.raises(trx.ConfigurationError, match=message):
+        trx.launch(print, hostnames=["node1"], ssh_config_file=config, logs=None)

@@ -114,19 +114,15 @@ def dumps(obj: Any) -> list[memoryview]:
     pickler.dump(obj)
     main = file.getbuffer()
     raws = [b.raw() for b in buffers]
-    offsets, position = [], _COUNT.size + _SIZE.size * (len(raws) + 1) + main.nbytes
-    for raw in raws:
-        position += -position % _ALIGN
-        offsets.append(position)
-        position += raw.nbytes
     table = _COUNT.pack(len(raws)) + b"".join(_SIZE.pack(n) for n in (main.nbytes, *(r.nbytes for r in raws)))
     parts: list[memoryview] = [memoryview(table), main]
-    end = _COUNT.size + _SIZE.size * (len(raws) + 1) + main.nbytes
-    for raw, offset in zip(raws, offsets, strict=False):
-        if offset > end:
-            parts.append(memoryview(bytes(offset - end)))
+    position = len(table) + main.nbytes
+    for raw in raws:  # each buffer aligned, as `loads` expects
+        padding = -position % _ALIGN
+        if padding:
+            parts.append(memoryview(bytes(padding)))
         parts.append(raw)
-        end = offset + raw.nbytes
+        position += padding + raw.nbytes
     return _Parts(parts, list(pickler.storages.values()))
 
 

@@ -299,7 +299,7 @@ def _failure_latency(launcher: Launcher, ctx: Ctx, func: str, kwargs: dict[str, 
     with redirected_output(ctx.noise_fd):
         try:
             launcher.run(func, kwargs, nproc)
-        except BaseException as e:  # noqa: BLE001 - any launcher error is what we time
+        except BaseException as e:
             t_caught = time.time()
             if not isinstance(e, launcher.expected_failure) or isinstance(e, KeyboardInterrupt):
                 if isinstance(e, KeyboardInterrupt):
@@ -474,7 +474,7 @@ def print_table(report: dict[str, Any], names: list[str], out: Any) -> None:
     widths = [max(len(r[i]) for r in rows) for i in range(len(header))]
     sep = "  "
     for i, r in enumerate(rows):
-        print(sep.join(c.ljust(w) for c, w in zip(r, widths)).rstrip(), file=out)
+        print(sep.join(c.ljust(w) for c, w in zip(r, widths, strict=False)).rstrip(), file=out)
         if i == 0:
             print(sep.join("-" * w for w in widths), file=out)
 

@@ -19,6 +19,7 @@ from trx_core import (
     WorkerHungError,
     launch,
 )
+from trx_logging import add_sink
 
 __all__ = [
     "DEFAULT_ENV_VARS",
@@ -30,5 +31,6 @@ __all__ = [
     "WorkerError",
     "WorkerFailedError",
     "WorkerHungError",
+    "add_sink",
     "launch",
 ]

@@ -26,6 +26,7 @@ import signal
 import socket
 import sys
 import time
+import traceback
 from typing import Any
 
 from . import _proc
@@ -332,6 +333,9 @@ def main(argv: list[str] | None = None) -> int:
     except (_Terminate, ChannelClosed):
         pass
     finally:
+        # Tearing down already: a SIGTERM now (the executor's stop) must not cut the teardown short.
+        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+            signal.signal(sig, signal.SIG_IGN)
         if agent is not None:
             with contextlib.suppress(ChannelClosed, OSError):
                 agent.stop()
@@ -366,7 +370,11 @@ def _import_torch() -> int:
 
 
 if __name__ == "__main__":
-    code = main()
+    try:
+        code = main()
+    except BaseException:
+        traceback.print_exc()
+        code = 1
     # Skip interpreter finalisation (torch's teardown alone takes a few hundred ms): everything
     # we own is already closed, and the launcher is waiting for us to be gone.
     sys.stdout.flush()

@@ -54,17 +54,16 @@ def add_sink(sink: Sink) -> SinkRegistration:
 
     A callable receives each `trx_core.LogRecord`; for example, keep rank 1's warnings::
 
-        import torchrunx as trx
-        from trx_logging import add_sink
-
         warnings_of_rank_1 = []
 
-        def keep(record: trx.LogRecord) -> None:
+        def keep(record: LogRecord) -> None:
             if record.rank == 1 and record.level >= logging.WARNING:
                 warnings_of_rank_1.append(record.message)
 
         with add_sink(keep):  # removed again at the end of the block
-            trx.launch(train, hostnames=["node1", "node2"], workers_per_host=8)
+            launcher.run(train)
+
+    (``add_sink`` is also ``torchrunx.add_sink``.)
 
     A `logging.Handler` receives each record as a `logging.LogRecord` (level and logger name
     kept, captured output at INFO) with the attributes ``hostname``, ``rank`` (None for the

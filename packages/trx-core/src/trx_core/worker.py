@@ -157,6 +157,7 @@ def _run(launch: WorkerLaunch, payload: bytes | bytearray, channel: Channel) -> 
     exit_code = 0
     try:
         func, args, kwargs = _pickling.loads(payload)
+        _use_own_gpu(launch)
         if launch.backend is not None:
             _init_process_group(launch)
         result = func(*args, **kwargs)
@@ -271,6 +272,14 @@ def _capture_logging(control: _LockedChannel) -> None:
     logging.captureWarnings(True)
 
 
+def _use_own_gpu(launch: WorkerLaunch) -> None:
+    """With CUDA, the worker's current device is the GPU of its local rank (when there is one)."""
+    import torch
+
+    if torch.cuda.is_available() and launch.local_rank < torch.cuda.device_count():
+        torch.cuda.set_device(launch.local_rank)
+
+
 def _init_process_group(launch: WorkerLaunch) -> None:
     import torch
     import torch.distributed as dist
@@ -279,8 +288,6 @@ def _init_process_group(launch: WorkerLaunch) -> None:
     cuda = torch.cuda.is_available()
     if backend == "auto":
         backend = "nccl" if cuda else "gloo"
-    if cuda:
-        torch.cuda.set_device(launch.local_rank)
     timeout = timedelta(seconds=launch.timeout)
     world_size = int(os.environ["WORLD_SIZE"])
     address, port = os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"])

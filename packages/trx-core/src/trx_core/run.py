@@ -212,16 +212,16 @@ class _Run:
         return self.launcher.launcher_address or self.executor.launcher_address(hostname)
 
     def _next_timeout(self) -> float:
-        now = time.monotonic()
+        """Until the next deadline, the most pressing first; at most one heartbeat interval."""
         if self.stopping:
-            return max(0.0, min(self.stop_deadline - now, HEARTBEAT_S))
-        if self.stop_at is not None:
-            return max(0.0, min(self.stop_at - now, HEARTBEAT_S))
-        if self.hang_at is not None:
-            return max(0.0, min(self.hang_at - now, HEARTBEAT_S))
-        if not self._all_started():
-            return max(0.0, min(self.start_deadline - now, HEARTBEAT_S))
-        return HEARTBEAT_S
+            deadline: float | None = self.stop_deadline
+        elif self.stop_at is not None or self.hang_at is not None:
+            deadline = self.stop_at if self.stop_at is not None else self.hang_at
+        else:
+            deadline = None if self._all_started() else self.start_deadline
+        if deadline is None:
+            return HEARTBEAT_S
+        return max(0.0, min(deadline - time.monotonic(), HEARTBEAT_S))
 
     def _heartbeat(self, now: float) -> None:
         """Tell every agent we are here; declare lost an agent we have not heard from."""

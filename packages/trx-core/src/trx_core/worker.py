@@ -220,7 +220,7 @@ def _where(frame: types.FrameType) -> str:
     standard library's or ours), else its innermost frame."""
     library = (
         sysconfig.get_paths()["stdlib"],
-        os.path.dirname(os.path.dirname(torch_file())),
+        os.path.dirname(os.path.dirname(_torch_file())),
         os.path.dirname(__file__),
     )
     stack = traceback.extract_stack(frame)
@@ -228,7 +228,7 @@ def _where(frame: types.FrameType) -> str:
     return f"{spot.filename}:{spot.lineno} in {spot.name}"
 
 
-def torch_file() -> str:
+def _torch_file() -> str:
     import torch
 
     return str(torch.__file__)

@@ -2,59 +2,50 @@
 
 The agent runs under bash so that ``env_file`` can be sourced (it may hold shell logic and
 compute node-specific values) right before ``exec``-ing the same Python interpreter as the
-launcher, in the same working directory. Paths and arguments are passed to the script as
-positional parameters, never pasted into its text, so no value needs escaping there.
+launcher, in the same working directory (``scripts/agent.sh``). Paths and arguments are
+passed to the script as positional parameters, never pasted into its text, so no value needs
+escaping there; the agent's environment is never on its command line either (each executor
+sets it apart, where ``ps`` does not show it).
 
 When the agent cannot be started, the script says why on stderr in one line starting with
 ``torchrunx:`` and naming the host; `describe_end` turns an agent's end into a message.
+
+Every process an executor starts for an agent carries ``AGENT_MARK_VAR=<a token of that
+agent>`` in its environment, and inherits it down to the workers' children: what left the
+agent's session (a worker's child that called ``setsid``) is still found by it, and killed.
 """
 
 from __future__ import annotations
 
+import secrets
 import signal
+from importlib.resources import files
 
 from trx_core import AgentSpec
 
-__all__ = ["AGENT_SCRIPT", "agent_argv", "describe_end"]
+__all__ = ["AGENT_MARK_VAR", "AGENT_SCRIPT", "agent_argv", "agent_mark", "describe_end", "load_script"]
 
-# $1 = working directory, $2 = env_file ("" for none), $3... = python and its arguments.
-# The env_file runs with no arguments, stdin from /dev/null (stdin carries the run's secret,
-# for the agent) and may `exit`, `set -e`, `shift` or overwrite variables: the script keeps
-# what it needs under names no env_file uses, and an EXIT trap reports an env_file that ends
-# the shell.
-AGENT_SCRIPT = """\
-__trx_host=${HOSTNAME:-$(hostname)}
-cd -- "$1" 2>/dev/null || { echo "torchrunx: working directory $1 does not exist on host $__trx_host" >&2; exit 97; }
-__trx_env_file=$2
-shift 2
-__trx_agent=("$@")
-if [ -n "$__trx_env_file" ]; then
-  if ! [ -f "$__trx_env_file" ] || ! [ -r "$__trx_env_file" ]; then
-    echo "torchrunx: env_file $__trx_env_file is missing or not readable on host $__trx_host" >&2
-    exit 98
-  fi
-  trap '__trx_status=$?; echo "torchrunx: env_file $__trx_env_file exited with status $__trx_status \
-on host $__trx_host" >&2' EXIT
-  set --
-  source "$__trx_env_file" </dev/null
-  __trx_status=$?
-  trap - EXIT
-  if [ "$__trx_status" != 0 ]; then
-    echo "torchrunx: env_file $__trx_env_file failed with status $__trx_status on host $__trx_host" >&2
-    exit 98
-  fi
-fi
-if ! command -v "${__trx_agent[0]}" >/dev/null 2>&1; then
-  echo "torchrunx: python interpreter ${__trx_agent[0]} not found on host $__trx_host" >&2
-  exit 99
-fi
-exec "${__trx_agent[@]}"
-"""
+AGENT_MARK_VAR = "TORCHRUNX_AGENT_MARK"
+"""The environment variable that marks every process started for one agent."""
+
+
+def load_script(name: str) -> str:
+    """The text of the shell script `name` shipped in ``trx_remote/scripts/``."""
+    return files("trx_remote").joinpath("scripts").joinpath(name).read_text(encoding="utf-8")
+
+
+AGENT_SCRIPT = load_script("agent.sh")
+"""The bash script that `agent_argv` runs (``scripts/agent.sh``)."""
 
 
 def agent_argv(spec: AgentSpec) -> list[str]:
     """The argument vector that starts the agent of `spec` (its environment is set apart)."""
     return ["bash", "-c", AGENT_SCRIPT, "torchrunx-agent", spec.cwd, spec.env_file or "", spec.python, *spec.args]
+
+
+def agent_mark() -> tuple[str, str]:
+    """A fresh ``(AGENT_MARK_VAR, token)`` pair, for the environment of one agent."""
+    return AGENT_MARK_VAR, secrets.token_hex(8)
 
 
 def describe_end(status: int, tail: str, python: str) -> str:

@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Any
 
 from trx_core import AgentProcess, AgentSpec
 
-from .command import agent_argv, describe_end
+from .command import agent_argv, agent_mark, describe_end
 from .hosts import is_local_host
 
 if TYPE_CHECKING:
@@ -25,12 +25,15 @@ _STOP_WAIT_S = 2.0
 
 
 class LocalAgentProcess:
-    """An agent running on this machine, in a session of its own."""
+    """An agent running on this machine, in a session of its own, every process of it marked
+    (`trx_remote.command.AGENT_MARK_VAR`)."""
 
     def __init__(self, spec: AgentSpec) -> None:
         env = {k: os.environ[k] for k in _BASE_ENV if k in os.environ}
         env.setdefault("PATH", os.defpath)
         env.update(spec.env)
+        self._mark = agent_mark()
+        env[self._mark[0]] = self._mark[1]
         self._python = spec.python
         self._output = tempfile.TemporaryFile()  # noqa: SIM115 - closed in stop()
         self._popen = subprocess.Popen(
@@ -64,7 +67,10 @@ class LocalAgentProcess:
             self._popen.send_signal(signal.SIGTERM)  # the agent kills its workers, then exits
             with contextlib.suppress(subprocess.TimeoutExpired):
                 self._popen.wait(_STOP_WAIT_S)
-        _kill_session(self._popen.pid)  # whatever is left, e.g. after the agent was SIGKILLed
+        # Whatever is left, e.g. after the agent was SIGKILLed: in its session, or marked (a
+        # worker's child that left the session). Twice, for what was forked during the first sweep.
+        for _ in range(2):
+            _kill_session(self._popen.pid, self._mark)
         self._popen.wait()
         if self._pidfd >= 0:
             os.close(self._pidfd)
@@ -72,18 +78,23 @@ class LocalAgentProcess:
         self._output.close()
 
 
-def _kill_session(sid: int) -> None:
+def _kill_session(sid: int, mark: tuple[str, str]) -> None:
+    """SIGKILL every process of session `sid` and every process whose environment holds `mark`."""
+    needle = f"{mark[0]}={mark[1]}".encode()
     for entry in os.listdir("/proc"):
-        if not entry.isdigit():
+        if not entry.isdigit() or int(entry) == os.getpid():
             continue
         try:
             with open(f"/proc/{entry}/stat") as f:
-                fields = f.read().rsplit(")", 1)[1].split()
-        except OSError:
+                in_session = int(f.read().rsplit(")", 1)[1].split()[3]) == sid  # field 6 of stat: the session id
+            if not in_session:
+                with open(f"/proc/{entry}/environ", "rb") as f:
+                    if needle not in f.read().split(b"\0"):
+                        continue
+        except (OSError, IndexError, ValueError):
             continue
-        if int(fields[3]) == sid:  # field 6 of stat: the session id
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(int(entry), signal.SIGKILL)
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.kill(int(entry), signal.SIGKILL)
 
 
 class LocalExecutor:

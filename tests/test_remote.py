@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import os
 import socket
+import subprocess
+import sys
 import textwrap
 from pathlib import Path
 from typing import Any
@@ -13,12 +15,12 @@ import pytest
 import tyro
 
 import torchrunx as trx
-from trx_core import available_executors
+from trx_core import AgentSpec, available_executors
 from trx_core.run import resolve_hostnames, with_discovered_workers_per_host
 from trx_remote.addresses import route_source_address
 from trx_remote.hosts import is_local_host
 from trx_remote.slurm import expand_counts, expand_hostlist, slurm_hostnames, slurm_workers_per_host
-from trx_remote.ssh import load_ssh_config, ssh_host
+from trx_remote.ssh import _environment_block, _remote_command, load_ssh_config, ssh_host
 
 
 @pytest.fixture
@@ -185,7 +187,7 @@ def test_an_executor_installed_as_an_entry_point_is_selectable_by_name_also_from
 
 
 def test_an_unknown_executor_name_lists_the_installed_ones(no_slurm: None) -> None:
-    with pytest.raises(trx.ConfigurationError, match=r"unknown executor 'nope' \(available: auto, local, ssh"):
+    with pytest.raises(trx.ConfigurationError, match=r"unknown executor 'nope' \(available: auto, local, .*ssh"):
         trx.launch(os.getpid, hostnames=["localhost"], executor="nope", backend=None, logs=None)
 
 
@@ -208,3 +210,50 @@ def test_a_malformed_ssh_config_file_is_a_configuration_error_naming_the_problem
     config.write_text(text)
     with pytest.raises(trx.ConfigurationError, match=message):
         trx.launch(print, hostnames=["node1"], ssh_config_file=config, logs=None)
+
+
+# --------------------------------------------------------------------------- the remote command
+SHOW_ENV_AND_STDIN = "import os, sys; print(repr(({k: os.environ.get(k) for k in sys.argv[1:]}, sys.stdin.read())))"
+
+
+def test_the_ssh_command_line_holds_no_value_and_the_environment_arrives_through_stdin_byte_for_byte(
+    tmp_path: Path,
+) -> None:
+    env = {
+        "TRX_SPACES": "  two  spaces and a\ttab ",
+        "TRX_SHELL": "$HOME `id` $(touch /tmp/trx-pwned) '; exit 1; echo '\\",
+        "TRX_NEWLINES": "line 1\nline 2\n\n",
+        "TRX_NOT_UTF8": b"\xff\xfe raw".decode("utf-8", "surrogateescape"),
+        "TRX_EMPTY": "",
+    }
+    spec = AgentSpec(
+        hostname="somewhere",
+        python=sys.executable,
+        args=("-c", SHOW_ENV_AND_STDIN, *env),
+        cwd=str(tmp_path),
+        env=env,
+        env_file=None,
+        stdin=b"the-run-secret\n",
+    )
+    command = _remote_command(spec)
+    assert not any(value in command for value in env.values() if len(value) > 1)
+    # run here as the host's login shell would run it, from an environment without those variables
+    done = subprocess.run(
+        ["bash", "-c", command],
+        input=_environment_block(env, spec.hostname) + spec.stdin,
+        capture_output=True,
+        env={"PATH": os.environ["PATH"]},
+    )
+    assert done.returncode == 0, done.stderr
+    session_line, shown = done.stdout.decode("utf-8", "surrogateescape").split("\n", 1)
+    assert session_line.startswith("torchrunx-agent-session ")
+    seen, rest_of_stdin = eval(shown)  # the repr printed by SHOW_ENV_AND_STDIN
+    assert seen == env
+    assert rest_of_stdin == "the-run-secret\n"  # left for the agent
+
+
+@pytest.mark.parametrize("name", ["NOT.A.NAME", "1ST", "UID"])  # UID: read-only in bash
+def test_a_variable_that_bash_cannot_export_is_not_sent_and_says_so(name: str) -> None:
+    with pytest.warns(UserWarning, match=f"{name!r} is not sent to host 'h1': bash cannot export it"):
+        block = _environment_block({name: "x", "OK": "y"}, "h1")
+    assert block == b"OK=y\0\0"

@@ -68,8 +68,8 @@ class LocalAgentProcess:
             with contextlib.suppress(subprocess.TimeoutExpired):
                 self._popen.wait(_STOP_WAIT_S)
         # Whatever is left, e.g. after the agent was SIGKILLed: in its session, or marked (a
-        # worker's child that left the session). Twice, for what was forked during the first sweep.
-        for _ in range(2):
+        # worker's child that left the session). Again if something was, for what it forked meanwhile.
+        if _kill_session(self._popen.pid, self._mark):
             _kill_session(self._popen.pid, self._mark)
         self._popen.wait()
         if self._pidfd >= 0:
@@ -78,9 +78,11 @@ class LocalAgentProcess:
         self._output.close()
 
 
-def _kill_session(sid: int, mark: tuple[str, str]) -> None:
-    """SIGKILL every process of session `sid` and every process whose environment holds `mark`."""
+def _kill_session(sid: int, mark: tuple[str, str]) -> int:
+    """SIGKILL every process of session `sid` and every process whose environment holds `mark`;
+    return how many were signalled."""
     needle = f"{mark[0]}={mark[1]}".encode()
+    killed = 0
     for entry in os.listdir("/proc"):
         if not entry.isdigit() or int(entry) == os.getpid():
             continue
@@ -95,6 +97,8 @@ def _kill_session(sid: int, mark: tuple[str, str]) -> None:
             continue
         with contextlib.suppress(ProcessLookupError, PermissionError):
             os.kill(int(entry), signal.SIGKILL)
+            killed += 1
+    return killed
 
 
 class LocalExecutor:

@@ -1,8 +1,8 @@
 """No environment value on any command line: ``ps`` and ``/proc/*/cmdline`` are readable by
 every user of a host, for as long as a process lives. A token in the launcher's environment
 (``HF_TOKEN`` matches the default ``HF_*``) reaches every worker, yet no process of the run
-shows it, on any host, at any moment: neither as the launcher sees it (polling while the run
-starts, works and stops) nor as each worker sees it (with every agent and worker alive).
+shows it on any host: neither as the launcher sees it (polling while the run starts, works
+and stops) nor as each worker sees it (with every agent and worker alive).
 
 The SSH hosts of the test bed are network namespaces of this machine: they share its process
 id namespace and its /proc, so one scan covers the launcher's machine and every host.
@@ -40,13 +40,17 @@ def command_lines_holding(value: str) -> list[str]:
     return found
 
 
-def token_seen_by_the_worker_and_command_lines_holding_it(token: str) -> tuple[str, list[str], str]:
+def what_the_worker_sees(token: str) -> dict[str, Any]:
     dist.barrier()  # every agent and worker of the run is alive
     found = command_lines_holding(token)
-    with open(f"/proc/{os.getppid()}/cmdline", "rb") as f:  # the agent: proof that the scan sees the run
-        agent = f.read().replace(b"\0", b" ").decode(errors="replace")
+    agent = os.getppid()  # workers are forked by the agent
     dist.barrier()
-    return os.environ.get("HF_TOKEN", ""), found, agent
+    return {
+        "token": os.environ.get("HF_TOKEN"),
+        "command lines holding it": found,
+        "agent": agent,
+        "agent seen": any(line.startswith(f"{agent} ") for line in command_lines_holding("trx_core.agent")),
+    }
 
 
 class CommandLineWatch:
@@ -55,14 +59,14 @@ class CommandLineWatch:
     def __init__(self, value: str) -> None:
         self.value = value
         self.found: set[str] = set()
-        self.agents_seen: set[str] = set()
+        self.agents_seen: set[int] = set()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._watch, name="cmdline-watch", daemon=True)
 
     def _watch(self) -> None:
         while not self._stop.wait(0.005):
             self.found.update(command_lines_holding(self.value))
-            self.agents_seen.update(command_lines_holding("trx_core.agent"))
+            self.agents_seen.update(int(line.split()[0]) for line in command_lines_holding("trx_core.agent"))
 
     def __enter__(self) -> CommandLineWatch:
         self._thread.start()
@@ -89,7 +93,7 @@ def bed(multihost_bed: TestBed) -> Iterator[TestBed]:
 
 def launch_and_watch(token: str, **fields: Any) -> tuple[trx.LaunchResult, CommandLineWatch]:
     with CommandLineWatch(token) as watch:
-        results = trx.launch(token_seen_by_the_worker_and_command_lines_holding_it, {"token": token}, **fields)
+        results = trx.launch(what_the_worker_sees, {"token": token}, **fields)
     return results, watch
 
 
@@ -98,10 +102,7 @@ def test_no_command_line_holds_an_environment_value_on_local_agents(token: str, 
     results, watch = launch_and_watch(
         token, hostnames=["localhost"], workers_per_host=2, backend="gloo", logs=tmp_path / "logs"
     )
-    assert [results[rank][0] for rank in range(2)] == [token, token]  # the workers have it
-    assert [results[rank][1] for rank in range(2)] == [[], []]
-    assert "trx_core.agent" in results[0][2] and watch.agents_seen  # the scans do see the run
-    assert watch.found == set()
+    assert_sent_but_never_shown(token, [results[rank] for rank in range(2)], watch)
 
 
 @pytest.mark.multihost
@@ -109,8 +110,13 @@ def test_no_command_line_holds_an_environment_value_on_local_agents(token: str, 
 def test_no_command_line_on_any_ssh_host_holds_an_environment_value(token: str, bed: TestBed, tmp_path: Path) -> None:
     fields = {"hostnames": bed.aliases, "workers_per_host": 1, "ssh_config_file": bed.ssh_config, "timeout": 60}
     results, watch = launch_and_watch(token, backend="gloo", logs=tmp_path / "logs", **fields)
-    assert [results[rank][0] for rank in range(2)] == [token, token]
-    assert [results[rank][1] for rank in range(2)] == [[], []]
-    assert all("trx_core.agent" in results[rank][2] for rank in range(2))
-    assert len(watch.agents_seen) >= 2  # one agent per host, seen from the launcher's machine
+    assert_sent_but_never_shown(token, [results[0], results[1]], watch)
+    assert results[0]["agent"] != results[1]["agent"]  # one agent per host, both seen from here
+
+
+def assert_sent_but_never_shown(token: str, seen_by_workers: list[dict[str, Any]], watch: CommandLineWatch) -> None:
+    for seen in seen_by_workers:
+        assert seen["token"] == token  # the worker has it
+        assert seen["command lines holding it"] == []
+        assert seen["agent seen"] and seen["agent"] in watch.agents_seen  # the scans do see the run
     assert watch.found == set()

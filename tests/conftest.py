@@ -83,3 +83,26 @@ def multihost_bed(tmp_path_factory: pytest.TempPathFactory) -> Iterator[object]:
         yield bed
     finally:
         bed_context.__exit__(None, None, None)
+
+
+@pytest.fixture(scope="session")
+def slurm_bed(tmp_path_factory: pytest.TempPathFactory) -> Iterator[object]:
+    """A two-node SLURM cluster (tests/slurmbed.py: slurmctld, a slurmd on each of two hosts of
+    their own, munge) for the whole session.
+
+    Skipped when the machine cannot host it (not root, SLURM or sshd not installed...), except
+    in CI (CI=true), where a missing prerequisite is a failure.
+    """
+    from slurmbed import Unavailable, slurm_cluster
+
+    cluster_context = slurm_cluster(tmp_path_factory.mktemp("slurm"), n=2)
+    try:
+        cluster = cluster_context.__enter__()
+    except Unavailable as e:
+        if _in_ci():
+            pytest.fail(f"SLURM test bed prerequisites are missing in CI: {e}")
+        pytest.skip(f"SLURM test bed unavailable: {e}")
+    try:
+        yield cluster
+    finally:
+        cluster_context.__exit__(None, None, None)

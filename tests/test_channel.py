@@ -139,10 +139,10 @@ def test_an_agent_holding_another_runs_secret_is_refused(running: tuple[RunInThr
 def test_the_runs_secret_is_in_no_command_line_or_environment(
     local: dict[str, Any], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    import trx_core.run
+    import trx_core.supervisor
 
     issued: list[bytes] = []
-    real = trx_core.run.secrets.token_bytes
+    real = trx_core.supervisor.secrets.token_bytes
 
     def recording_token_bytes(n: int) -> bytes:
         value = real(n)
@@ -150,7 +150,7 @@ def test_the_runs_secret_is_in_no_command_line_or_environment(
             issued.append(value)
         return value
 
-    monkeypatch.setattr(trx_core.run.secrets, "token_bytes", recording_token_bytes)
+    monkeypatch.setattr(trx_core.supervisor.secrets, "token_bytes", recording_token_bytes)
     seen: list[bytes] = []
 
     def scan() -> None:

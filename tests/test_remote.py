@@ -16,7 +16,7 @@ import tyro
 
 import torchrunx as trx
 from trx_core import AgentSpec, available_executors
-from trx_core.run import resolve_hostnames, with_discovered_workers_per_host
+from trx_core.plan import plan_hosts
 from trx_remote.addresses import route_source_address
 from trx_remote.hosts import is_local_host
 from trx_remote.slurm import expand_counts, expand_hostlist, slurm_hostnames, slurm_workers_per_host
@@ -87,13 +87,13 @@ def test_slurm_allotment_is_used_only_for_auto_workers_on_discovered_hosts(monke
     monkeypatch.setenv("SLURM_JOB_NUM_NODES", "2")
     monkeypatch.setenv("SLURM_NTASKS_PER_NODE", "3")
     monkeypatch.setenv("PATH", "")  # no scontrol
-    discovered = trx.Launcher(hostnames="auto")
-    assert resolve_hostnames(discovered) == ["n1", "n2"]
-    assert with_discovered_workers_per_host(discovered, ["n1", "n2"]).workers_per_host == [3, 3]
-    listed = trx.Launcher(hostnames=["n1", "n2"])  # the user's own list: SLURM's counts may not fit it
-    assert with_discovered_workers_per_host(listed, ["n1", "n2"]).workers_per_host == "auto"
-    explicit = trx.Launcher(hostnames="slurm", workers_per_host=2)
-    assert with_discovered_workers_per_host(explicit, ["n1", "n2"]).workers_per_host == 2
+    discovered = plan_hosts("auto", "auto")
+    assert list(discovered.hostnames) == ["n1", "n2"]
+    assert list(discovered.workers_per_host) == [3, 3]  # type: ignore[arg-type]
+    listed = plan_hosts(["n1", "n2"], "auto")  # the user's own list: SLURM's counts may not fit it
+    assert listed.workers_per_host == "auto"
+    explicit = plan_hosts("slurm", 2)
+    assert explicit.workers_per_host == 2
 
 
 def test_hostnames_slurm_outside_an_allocation_says_so_before_starting_anything(no_slurm: None) -> None:

@@ -5,10 +5,11 @@ interfaces other packages implement: node executors (`NodeExecutor`) and log pip
 (`LogPipeline`). It depends on torch and cloudpickle only; importing it does not import torch.
 """
 
+from .discovery import HostDiscovery
 from .errors import AgentFailedError, ConfigurationError, WorkerError, WorkerFailedError, WorkerHungError
-from .executor import AgentProcess, AgentSpec, NodeExecutor, available_executors, register_executor
+from .executor import AgentProcess, AgentSpec, ExecutorSettings, NodeExecutor, available_executors, register_executor
 from .launcher import DEFAULT_ENV_VARS, Launcher, launch
-from .logs import ConsolePipeline, LogPipeline, LogRecord, RunInfo
+from .logs import ConsolePipeline, LogPipeline, LogRecord, LogSettings, RunInfo, log_level_from_env
 from .results import LaunchResult
 
 __all__ = [
@@ -18,10 +19,13 @@ __all__ = [
     "AgentSpec",
     "ConfigurationError",
     "ConsolePipeline",
+    "ExecutorSettings",
+    "HostDiscovery",
     "LaunchResult",
     "Launcher",
     "LogPipeline",
     "LogRecord",
+    "LogSettings",
     "NodeExecutor",
     "RunInfo",
     "WorkerError",
@@ -29,5 +33,6 @@ __all__ = [
     "WorkerHungError",
     "available_executors",
     "launch",
+    "log_level_from_env",
     "register_executor",
 ]

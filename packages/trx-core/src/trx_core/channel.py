@@ -1,7 +1,7 @@
 """Framed, authenticated message channel between launcher, agents and workers.
 
-A frame is a small pickled *header* (a tuple of plain Python values) followed by an
-optional opaque *blob* of bytes. Blobs carry user data (the cloudpickled function, return
+A frame is a small pickled *message* (one of the dataclasses of `trx_core.protocol`)
+followed by an optional opaque *blob* of bytes. Blobs carry user data (the cloudpickled function, return
 values, exceptions) and are only ever decoded by the process that needs them, so an agent
 relays a 100 MB result without copying it into a new pickle.
 
@@ -19,16 +19,18 @@ import pickle
 import socket
 import struct
 import time
-from typing import Any
+
+from .protocol import Message
 
 __all__ = [
     "HEARTBEAT_S",
     "AuthenticationFailed",
     "Channel",
     "ChannelClosed",
+    "challenge_answer_size",
+    "check_answer",
     "client_handshake",
-    "send_challenge",
-    "verify_answer",
+    "new_challenge",
 ]
 
 _PREFIX = struct.Struct("!QQ")  # header length, blob length
@@ -65,20 +67,23 @@ def _mac(secret: bytes, role: bytes, *nonces: bytes) -> bytes:
     return hmac.new(secret, role + b"".join(nonces), _DIGEST).digest()
 
 
-def send_challenge(sock: socket.socket) -> bytes:
-    """First step of authenticating a connecting peer: send it a fresh nonce."""
-    nonce = os.urandom(_NONCE)
-    sock.sendall(nonce)
-    return nonce
+def new_challenge() -> bytes:
+    """A fresh nonce to send a connecting peer: the first step of authenticating it."""
+    return os.urandom(_NONCE)
 
 
-def verify_answer(sock: socket.socket, secret: bytes, server_nonce: bytes) -> None:
-    """Second step: check the peer's answer to `server_nonce`, and prove ourselves to it."""
-    answer = _recv_exactly(sock, 2 * _NONCE)
-    client_nonce, client_mac = bytes(answer[:_NONCE]), bytes(answer[_NONCE:])
-    if not hmac.compare_digest(client_mac, _mac(secret, b"agent", server_nonce, client_nonce)):
-        raise AuthenticationFailed("peer does not hold this run's secret")
-    sock.sendall(_mac(secret, b"launcher", client_nonce, server_nonce))
+def challenge_answer_size() -> int:
+    """How many bytes a peer's answer to a challenge has."""
+    return _NONCE + _DIGEST().digest_size
+
+
+def check_answer(secret: bytes, challenge: bytes, answer: bytes) -> bytes | None:
+    """Second step: if the peer's `answer` to `challenge` proves it holds `secret`, the proof
+    to send back that we hold it too; else None."""
+    client_nonce, client_mac = answer[:_NONCE], answer[_NONCE:]
+    if not hmac.compare_digest(client_mac, _mac(secret, b"agent", challenge, client_nonce)):
+        return None
+    return _mac(secret, b"launcher", client_nonce, challenge)
 
 
 def client_handshake(sock: socket.socket, secret: bytes) -> None:
@@ -101,38 +106,38 @@ class Channel:
     def fileno(self) -> int:
         return self.sock.fileno()
 
-    def send(self, header: tuple[Any, ...], *blob: bytes | bytearray | memoryview) -> None:
+    def send(self, message: Message, *blob: bytes | bytearray | memoryview) -> None:
         """Send one frame. The blob may come in several parts (sent in order, never joined)."""
-        self._send_head(header, sum(memoryview(part).nbytes for part in blob))
+        self._send_head(message, sum(memoryview(part).nbytes for part in blob))
         try:
             for part in blob:
                 self.sock.sendall(part)
         except (BrokenPipeError, ConnectionResetError) as e:
             raise ChannelClosed(str(e)) from e
 
-    def recv(self) -> tuple[tuple[Any, ...], bytearray]:
-        """Receive one frame: its header and its blob."""
-        header, blob_len = self.recv_header()
+    def recv(self) -> tuple[Message, bytearray]:
+        """Receive one frame: its message and its blob."""
+        message, blob_len = self.recv_header()
         try:
             blob = _recv_exactly(self.sock, blob_len) if blob_len else bytearray()
         except ConnectionResetError as e:
             raise ChannelClosed(str(e)) from e
-        return header, blob
+        return message, blob
 
-    def recv_header(self) -> tuple[tuple[Any, ...], int]:
-        """Receive a frame's header and the length of its blob, which the caller must then
+    def recv_header(self) -> tuple[Message, int]:
+        """Receive a frame's message and the length of its blob, which the caller must then
         take with `forward` (or the frame is not fully read)."""
         try:
             head_len, blob_len = _PREFIX.unpack(_recv_exactly(self.sock, _PREFIX.size))
             if head_len > _MAX_HEADER:
                 raise ChannelClosed(f"malformed frame (header of {head_len} bytes)")
-            header = pickle.loads(_recv_exactly(self.sock, head_len))
+            message: Message = pickle.loads(_recv_exactly(self.sock, head_len))
         except ConnectionResetError as e:
             raise ChannelClosed(str(e)) from e
         self.last_received = time.monotonic()
-        return header, blob_len
+        return message, blob_len
 
-    def forward(self, header: tuple[Any, ...], blob_len: int, source: Channel) -> bool:
+    def forward(self, message: Message, blob_len: int, source: Channel) -> bool:
         """Send a frame whose blob is the next `blob_len` bytes of `source`, streamed through a
         small buffer: a large result is relayed while it is still arriving, and never held whole.
 
@@ -140,7 +145,7 @@ class Channel:
         length (so this channel stays in step) and False is returned: the receiver must be
         told to discard it. Failures to send raise `ChannelClosed`.
         """
-        self._send_head(header, blob_len)
+        self._send_head(message, blob_len)
         buf = memoryview(bytearray(min(blob_len, _RELAY_CHUNK)))
         left = blob_len
         while left:
@@ -163,8 +168,8 @@ class Channel:
             raise ChannelClosed(str(e)) from e
         return len(data)
 
-    def _send_head(self, header: tuple[Any, ...], blob_len: int) -> None:
-        head = pickle.dumps(header, protocol=pickle.HIGHEST_PROTOCOL)
+    def _send_head(self, message: Message, blob_len: int) -> None:
+        head = pickle.dumps(message, protocol=pickle.HIGHEST_PROTOCOL)
         try:
             self.sock.sendall(_PREFIX.pack(len(head), blob_len) + head)
         except (BrokenPipeError, ConnectionResetError) as e:

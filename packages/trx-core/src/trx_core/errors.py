@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 __all__ = [
     "AgentFailedError",
     "ConfigurationError",
     "WorkerHungError",
     "WorkerError",
     "WorkerFailedError",
+    "Failure",
     "attach_remote_traceback",
+    "combine_failures",
 ]
 
 
@@ -85,3 +89,34 @@ def attach_remote_traceback(exc: BaseException, where: str, traceback_text: str)
 class _RemoteTraceback(Exception):
     def __str__(self) -> str:
         return str(self.args[0])
+
+
+@dataclass
+class Failure:
+    """One thing that went wrong in a run: the exception to raise, and a line for the others' notes."""
+
+    exception: BaseException
+    summary: str
+
+
+def combine_failures(failures: list[Failure]) -> BaseException:
+    """One exception for all failures of a run, the others attached as notes.
+
+    A dead agent or worker is the likely cause of what its peers raised (connection reset in
+    a collective...), so it is preferred; otherwise the first to arrive.
+    """
+
+    def precedence(f: Failure) -> int:
+        return {AgentFailedError: 0, WorkerFailedError: 1}.get(type(f.exception), 2)
+
+    primary = min(failures, key=precedence)  # min is stable: first arrival among equals
+    for other in failures:
+        if other is not primary and other.summary:
+            add_note(primary.exception, f"also failed: {other.summary}")
+    return primary.exception
+
+
+def add_note(exc: BaseException, note: str) -> None:
+    """`exc.add_note(note)` where Python has it (3.11+)."""
+    if hasattr(exc, "add_note"):
+        exc.add_note(note)

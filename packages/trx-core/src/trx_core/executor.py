@@ -1,34 +1,40 @@
 """The node-executor interface: how an agent gets started on a host, and stopped.
 
 trx-core never starts agents itself. An executor does, given an `AgentSpec` (what to run,
-where, with which environment). Executors are found by name: first among those registered
-with `register_executor`, then in the `torchrunx.executors` entry-point group, whose
-objects are factories called with the `Launcher` and returning a `NodeExecutor`.
+where, with which environment). Executors are plugins (`trx_core.plugins`): registered in
+this process with `register_executor`, or installed in the ``torchrunx.executors``
+entry-point group. Either way the object is a factory, called with the `ExecutorSettings`
+of the launch and returning a `NodeExecutor`.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from importlib.metadata import entry_points
-from typing import TYPE_CHECKING, Protocol, runtime_checkable
+from pathlib import Path
+from typing import Protocol, runtime_checkable
 
+from . import plugins
 from .errors import ConfigurationError
-
-if TYPE_CHECKING:
-    from .launcher import Launcher
 
 __all__ = [
     "AgentProcess",
     "AgentSpec",
     "ExecutorFactory",
+    "ExecutorSettings",
     "NodeExecutor",
     "available_executors",
     "register_executor",
     "resolve_executor",
 ]
 
-ENTRY_POINT_GROUP = "torchrunx.executors"
+
+@dataclass(frozen=True)
+class ExecutorSettings:
+    """The launcher settings an executor may use."""
+
+    ssh_config_file: Path | None = None
+    """OpenSSH-format config for reaching hosts (None: ``~/.ssh/config``)."""
 
 
 @dataclass(frozen=True)
@@ -38,7 +44,7 @@ class AgentSpec:
     The executor must run ``python *args`` in ``cwd`` on ``hostname`` with every variable of
     ``env`` set byte-for-byte in its environment, after sourcing ``env_file`` with bash when
     it is given, and write ``stdin`` to the agent's standard input. ``stdin`` carries the
-    run's secret: it must never be put on a command line.
+    run's secret, and neither it nor any value of ``env`` may be put on a command line.
     """
 
     hostname: str
@@ -71,7 +77,8 @@ class NodeExecutor(Protocol):
     """Starts agents on hosts."""
 
     def launcher_address(self, hostname: str) -> str:
-        """The address at which agents and workers on `hostname` reach this machine."""
+        """The address at which agents and workers on `hostname` reach this machine (a loopback
+        address exactly when `hostname` is this machine)."""
         ...
 
     def start(self, spec: AgentSpec) -> AgentProcess:
@@ -79,31 +86,27 @@ class NodeExecutor(Protocol):
         ...
 
 
-ExecutorFactory = Callable[["Launcher"], NodeExecutor]
-_registry: dict[str, ExecutorFactory] = {}
+ExecutorFactory = Callable[[ExecutorSettings], NodeExecutor]
 
 
 def register_executor(name: str, factory: ExecutorFactory) -> None:
     """Make `factory` selectable as ``Launcher(executor=name)`` in this process."""
-    _registry[name] = factory
+    plugins.register(plugins.EXECUTORS, name, factory)
 
 
 def available_executors() -> list[str]:
     """Names of all executors registered or installed as entry points."""
-    return sorted(set(_registry) | {ep.name for ep in entry_points(group=ENTRY_POINT_GROUP)})
+    return plugins.names(plugins.EXECUTORS)
 
 
-def resolve_executor(name: str, launcher: Launcher) -> NodeExecutor:
-    """Build the executor called `name` for `launcher`."""
-    factory = _registry.get(name)
+def resolve_executor(name: str, settings: ExecutorSettings) -> NodeExecutor:
+    """Build the executor called `name`."""
+    factory: ExecutorFactory | None = plugins.find(plugins.EXECUTORS, name)
     if factory is None:
-        matches = [ep for ep in entry_points(group=ENTRY_POINT_GROUP) if ep.name == name]
-        if not matches:
-            known = ", ".join(available_executors()) or "none installed"
-            raise ConfigurationError(
-                f"unknown executor {name!r} (available: {known}). Install `torchrunx` for the "
-                "local and SSH executors, or register your own with "
-                "trx_core.register_executor() or the 'torchrunx.executors' entry-point group."
-            )
-        factory = matches[0].load()
-    return factory(launcher)
+        known = ", ".join(available_executors()) or "none installed"
+        raise ConfigurationError(
+            f"unknown executor {name!r} (available: {known}). Install `torchrunx` for the "
+            "local and SSH executors, or register your own with "
+            "trx_core.register_executor() or the 'torchrunx.executors' entry-point group."
+        )
+    return factory(settings)

@@ -163,13 +163,6 @@ class Launcher:
             )
         if isinstance(self.env_vars, str):
             raise ConfigurationError(f"env_vars must be a tuple of patterns, not the string {self.env_vars!r}")
-        # Remote hosts may hold a file this machine does not; only local runs are checked here.
-        if (
-            self.env_file is not None
-            and not Path(self.env_file).expanduser().is_file()
-            and not _may_be_remote(self.hostnames)
-        ):
-            raise ConfigurationError(f"env_file {str(self.env_file)!r} does not exist or is not a file")
         check_numpy_torch_versions()
         for pattern in self.env_vars:
             if pattern not in DEFAULT_ENV_VARS and not any(fnmatch.fnmatchcase(k, pattern) for k in os.environ):
@@ -220,12 +213,6 @@ def _validate_workers_per_host(value: object, hostnames: object) -> None:
             )
     else:
         _check_count(value)
-
-
-def _may_be_remote(hostnames: object) -> bool:
-    return not (isinstance(hostnames, (list, tuple)) and all(h in ("localhost", "127.0.0.1") for h in hostnames)) and (
-        hostnames != "auto" or "SLURM_JOB_NODELIST" in os.environ
-    )
 
 
 def _major_minor(text: str) -> tuple[int, int]:

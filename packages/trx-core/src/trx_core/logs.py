@@ -4,25 +4,61 @@ Agents capture their workers' output at the file-descriptor level, cut it into l
 stream them to the launcher as `LogRecord`s. The launcher hands every record to a
 `LogPipeline`, in order per worker. trx-logging provides the full pipeline (per-agent and
 per-worker files, console rendering); it is found through the ``torchrunx.log_pipelines``
-entry-point group under the name ``default``. Without it, `ConsolePipeline` prints agent
-0's records to standard output and writes no files.
+entry-point group under the name ``default`` and built from the run's `LogSettings`.
+Without it, `ConsolePipeline` prints agent 0's records to the console and writes no files.
 """
 
 from __future__ import annotations
 
+import logging
+import os
 import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
-from importlib.metadata import entry_points
-from typing import TYPE_CHECKING, Protocol, TextIO
+from pathlib import Path
+from typing import Literal, Protocol, TextIO
 
-if TYPE_CHECKING:
-    from .launcher import Launcher
+from . import plugins
+from .errors import ConfigurationError
 
-__all__ = ["ConsolePipeline", "LogPipeline", "LogRecord", "RunInfo", "resolve_log_pipeline"]
+__all__ = [
+    "ConsolePipeline",
+    "LogPipeline",
+    "LogRecord",
+    "LogSettings",
+    "RunInfo",
+    "log_level_from_env",
+    "resolve_log_pipeline",
+]
 
-ENTRY_POINT_GROUP = "torchrunx.log_pipelines"
+LOG_LEVEL_VAR = "TORCHRUNX_LOG_LEVEL"
+
+
+def log_level_from_env() -> int:
+    """``$TORCHRUNX_LOG_LEVEL`` as a number (a name such as ``DEBUG``, or a number); INFO if unset.
+
+    Below this level, Python logging records of workers and the agents' own messages are
+    dropped; captured output is always kept.
+    """
+    value = os.environ.get(LOG_LEVEL_VAR, "INFO").strip().upper()
+    if value.isdigit():
+        return int(value)
+    level = logging.getLevelName(value)
+    if not isinstance(level, int):
+        raise ConfigurationError(
+            f"{LOG_LEVEL_VAR}={value!r} is not a level: use DEBUG, INFO, WARNING, ERROR or CRITICAL"
+        )
+    return level
+
+
+@dataclass(frozen=True)
+class LogSettings:
+    """The launcher settings a log pipeline may use (see the `Launcher` fields of the same names)."""
+
+    folder: Path | None
+    console: Literal["stdout", "stderr"] | None = "stdout"
+    file_format: Literal["text", "jsonl"] = "text"
 
 
 @dataclass(frozen=True)
@@ -72,18 +108,21 @@ class LogPipeline(Protocol):
 class ConsolePipeline:
     """Prints agent 0's records (the agent's messages and its local worker 0) to a stream."""
 
-    def __init__(self, stream: TextIO | None = None) -> None:
+    def __init__(self, stream: TextIO | None = None, console: Literal["stdout", "stderr"] | None = "stdout") -> None:
         self._stream = stream
+        self._console = console
         self._host0 = ""
 
     def open(self, run: RunInfo) -> None:
         self._host0 = run.hostnames[0]
 
     def emit(self, record: LogRecord) -> None:
-        if record.hostname != self._host0 or record.local_rank not in (None, 0):
+        if record.hostname != self._host0 or record.local_rank not in (None, 0) or self._console is None:
             return
         who = "agent" if record.rank is None else f"rank {record.rank}"
-        stream = self._stream or sys.stdout
+        stream = self._stream or getattr(sys, self._console)
+        if stream is None:  # no standard stream at all (e.g. started with `>&-`)
+            return
         stream.write(f"[{record.hostname} {who}] {record.message}\n")
         stream.flush()
 
@@ -91,13 +130,12 @@ class ConsolePipeline:
         pass
 
 
-PipelineFactory = Callable[["Launcher"], LogPipeline]
+PipelineFactory = Callable[[LogSettings], LogPipeline]
 
 
-def resolve_log_pipeline(launcher: Launcher) -> LogPipeline:
-    """The installed ``default`` pipeline for `launcher`, else a `ConsolePipeline`."""
-    for ep in entry_points(group=ENTRY_POINT_GROUP):
-        if ep.name == "default":
-            factory: PipelineFactory = ep.load()
-            return factory(launcher)
-    return ConsolePipeline()
+def resolve_log_pipeline(settings: LogSettings) -> LogPipeline:
+    """The installed ``default`` pipeline built for `settings`, else a `ConsolePipeline`."""
+    factory: PipelineFactory | None = plugins.find(plugins.LOG_PIPELINES, "default")
+    if factory is None:
+        return ConsolePipeline(console=settings.console)
+    return factory(settings)

@@ -13,56 +13,40 @@ import faulthandler
 import io
 import logging
 import os
-import select
 import signal
 import socket
 import sys
-import sysconfig
 import threading
 import time
 import traceback
 import types
-from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any, NoReturn
 
-from . import _pickling, _proc
+from . import _pickling, processes
 from .channel import Channel
+from .logs import log_level_from_env
+from .protocol import Message, WorkerLog, WorkerRaised, WorkerResult, WorkerSpec
 
-__all__ = ["WorkerLaunch", "fork_worker"]
+__all__ = ["ForkedWorker", "fork_worker"]
 
 # Exit code of a worker whose function raised (the exception itself travels separately).
 EXIT_RAISED = 1
-
-
-@dataclass(frozen=True)
-class WorkerLaunch:
-    """What one worker needs, besides the function payload."""
-
-    rank: int
-    local_rank: int
-    env: Mapping[str, str]
-    backend: str | None
-    timeout: int
-    sys_path: tuple[str, ...] = ()
-    """The launcher's ``sys.path``: what imports there, imports here (same paths permitting)."""
-    hang_timeout: float | None = None
-    """Report the worker as stalled once its main thread stays put this long (None: never)."""
 
 
 @dataclass
 class ForkedWorker:
     """The agent's handle on a forked worker: its pid and the agent ends of its pipes."""
 
-    launch: WorkerLaunch
+    spec: WorkerSpec
     pid: int
     control: Channel
     stdout: int
     stderr: int
 
 
-def fork_worker(launch: WorkerLaunch, payload: bytes | bytearray, keep_fds: tuple[int, ...] = ()) -> ForkedWorker:
+def fork_worker(spec: WorkerSpec, payload: bytes | bytearray, keep_fds: tuple[int, ...] = ()) -> ForkedWorker:
     """Fork a worker. In the parent, return its handle; the child never returns."""
     agent_end, worker_end = socket.socketpair()
     out_r, out_w = os.pipe()
@@ -75,7 +59,7 @@ def fork_worker(launch: WorkerLaunch, payload: bytes | bytearray, keep_fds: tupl
             os.close(out_r)
             os.close(err_r)
             _prepare_process(agent_pid, out_w, err_w, keep=(worker_end.fileno(), *keep_fds))
-            _run(launch, payload, Channel(worker_end))
+            _run(spec, payload, Channel(worker_end))
         finally:
             os._exit(70)  # only reached if _run itself broke
     worker_end.close()
@@ -85,12 +69,12 @@ def fork_worker(launch: WorkerLaunch, payload: bytes | bytearray, keep_fds: tupl
         os.set_blocking(fd, False)
     with contextlib.suppress(OSError):
         os.setpgid(pid, pid)  # also done in the child; whichever runs first wins the race
-    return ForkedWorker(launch, pid, Channel(agent_end), out_r, err_r)
+    return ForkedWorker(spec, pid, Channel(agent_end), out_r, err_r)
 
 
 def _prepare_process(agent_pid: int, out_w: int, err_w: int, keep: tuple[int, ...]) -> None:
     os.setpgid(0, 0)  # our own process group, so the agent can kill us with our children
-    _proc.die_with_parent(signal.SIGKILL)
+    processes.die_with_parent(signal.SIGKILL)
     if os.getppid() != agent_pid:  # the agent died before prctl took effect
         os._exit(1)
     signal.set_wakeup_fd(-1)
@@ -121,9 +105,9 @@ class _LockedChannel:
         self._channel = channel
         self._lock = threading.Lock()
 
-    def send(self, header: tuple[Any, ...], *blob: bytes | memoryview) -> None:
+    def send(self, message: Message, *blob: bytes | memoryview) -> None:
         with self._lock:
-            self._channel.send(header, *blob)
+            self._channel.send(message, *blob)
 
 
 class _ChannelLogHandler(logging.Handler):
@@ -137,43 +121,44 @@ class _ChannelLogHandler(logging.Handler):
         try:
             # A formatted warning ends with a newline (and its source line): not part of the message.
             message = self.format(record).rstrip("\n")
-            self._channel.send(("log", record.created, record.levelno, record.name, message))
+            self._channel.send(WorkerLog(record.created, record.levelno, record.name, message))
         except Exception:
             self.handleError(record)
 
 
-def _run(launch: WorkerLaunch, payload: bytes | bytearray, channel: Channel) -> NoReturn:
-    os.environ.update(launch.env)
-    sys.path[:] = [*launch.sys_path, *(p for p in sys.path if p not in launch.sys_path)]
-    _share_cpu_threads(launch)
+def _run(spec: WorkerSpec, payload: bytes | bytearray, channel: Channel) -> NoReturn:
+    _become_like_torchrun_worker(spec)
     control = _LockedChannel(channel)
     _capture_logging(control)
     # `kill -USR1 <worker>` (or a hang report) writes every thread's stack into the worker's log.
     faulthandler.register(signal.SIGUSR1, file=sys.stderr, all_threads=True)
-    if launch.hang_timeout is not None:
+    if spec.hang_timeout is not None:
+        from ._progress import watch_progress
+
         threading.Thread(
-            target=_watch_progress, args=(channel, control, launch.local_rank, launch.hang_timeout), daemon=True
+            target=watch_progress, args=(channel, control, spec.local_rank, spec.hang_timeout), daemon=True
         ).start()
     exit_code = 0
     try:
         func, args, kwargs = _pickling.loads(payload)
-        _use_own_gpu(launch)
-        if launch.backend is not None:
-            _init_process_group(launch)
+        _mirror_main(func, spec.main_path)
+        _use_own_gpu(spec)
+        if spec.backend is not None:
+            _init_process_group(spec)
         result = func(*args, **kwargs)
         try:
             blob = _pickling.dumps(result)
         except Exception as e:
             raise TypeError(
-                f"the return value of rank {launch.rank} (of type {type(result).__qualname__}) "
+                f"the return value of rank {spec.rank} (of type {type(result).__qualname__}) "
                 f"cannot be pickled to send it to the launcher: {e}"
             ) from e
-        control.send(("result", launch.local_rank), *blob)
+        control.send(WorkerResult(spec.local_rank), *blob)
         _destroy_process_group()  # after sending: the launcher need not wait for it
     except SystemExit as e:  # sys.exit() in a worker is an exit, reported with its code
         exit_code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
     except BaseException as e:
-        _send_exception(control, launch, e)
+        _send_exception(control, spec, e)
         exit_code = EXIT_RAISED
     finally:
         for stream in (sys.stdout, sys.stderr):
@@ -182,117 +167,100 @@ def _run(launch: WorkerLaunch, payload: bytes | bytearray, channel: Channel) -> 
     os._exit(exit_code)
 
 
-def _watch_progress(channel: Channel, control: _LockedChannel, local_rank: int, bound: float) -> None:
-    """Report once the main thread has made no progress for `bound` seconds. When the agent
-    asks (another rank looks hung), write every thread's stack to stderr and report how long.
+def _become_like_torchrun_worker(spec: WorkerSpec) -> None:
+    """What libraries expect of a torchrun worker: its environment, ``sys.argv`` and ``sys.path``
+    as the launcher's, and torch's CPU threads shared among the host's workers."""
+    os.environ.update(spec.env)
+    sys.path[:] = [*spec.sys_path, *(p for p in sys.path if p not in spec.sys_path)]
+    sys.argv[:] = list(spec.argv) or [""]
+    _share_cpu_threads(spec)
 
-    No progress: the main thread stays at the same bytecode and uses no CPU time, as a rank
-    blocked in a collective, on a lock or in a sleep does. A rank spinning on the CPU counts
-    as progressing. This thread is the only reader of `channel`.
+
+def _mirror_main(func: Any, main_path: str | None) -> None:
+    """Make ``__main__`` a module like the launcher's script, holding what the function uses.
+
+    Objects defined in the user's script travel by value and come out with ``__module__`` set
+    to ``__main__``. With them in this process's ``__main__``, pickling by reference works in
+    the worker's own children (multiprocessing, DataLoader workers), and a spawned child
+    re-imports the script as ``__mp_main__`` from ``__file__``, as it would under torchrun.
+    The script itself is not run here: that would repeat its top level in every worker.
     """
-    main = threading.main_thread()
-    assert main.ident is not None
-    cpu_clock = time.pthread_getcpuclockid(main.ident)
-    interval = min(1.0, bound / 4)
-    last: tuple[Any, ...] = ()
-    since, reported = time.monotonic(), False
-    while True:
-        asked = bool(select.select([channel.sock], [], [], interval)[0])
-        if asked:
-            channel.recv()  # ("report",)
-        frame = sys._current_frames().get(main.ident)
-        state = (id(frame), frame.f_lasti if frame else -1, time.clock_gettime_ns(cpu_clock))
-        now = time.monotonic()
-        if state != last:
-            last, since, reported = state, now, False
-        if frame is None:
-            continue
-        if asked:
-            faulthandler.dump_traceback(file=sys.stderr, all_threads=True)
-            control.send(("stalled", local_rank, now - since, _where(frame)))
-        elif not reported and now - since >= bound:
-            control.send(("stalled", local_rank, now - since, _where(frame)))
-            reported = True
+    main = types.ModuleType("__main__")
+    if main_path is not None:
+        main.__file__ = main_path
+    main.__dict__["__builtins__"] = __builtins__
+    if getattr(func, "__module__", None) == "__main__":
+        main.__dict__.update(getattr(func, "__globals__", {}))
+        main.__dict__.setdefault(getattr(func, "__name__", "func"), func)
+    main.__dict__["__name__"] = "__main__"
+    sys.modules["__main__"] = main
 
 
-def _where(frame: types.FrameType) -> str:
-    """Where a stuck thread is: its innermost frame in the user's code (not torch's, the
-    standard library's or ours), else its innermost frame."""
-    library = (
-        sysconfig.get_paths()["stdlib"],
-        os.path.dirname(os.path.dirname(_torch_file())),
-        os.path.dirname(__file__),
-    )
-    stack = traceback.extract_stack(frame)
-    spot = next((f for f in reversed(stack) if not f.filename.startswith(library)), stack[-1])
-    return f"{spot.filename}:{spot.lineno} in {spot.name}"
+def _share_cpu_threads(spec: WorkerSpec) -> None:
+    """Give each worker its share of the host's cores for CPU threads, as torchrun does.
 
-
-def _torch_file() -> str:
-    import torch
-
-    return str(torch.__file__)
-
-
-def _share_cpu_threads(launch: WorkerLaunch) -> None:
-    """Give each worker its share of the host's cores for torch's intra-op threads.
-
-    Otherwise every worker starts one thread per core and N workers oversubscribe the host
-    N times over. An explicit ``OMP_NUM_THREADS`` (forwarded by the default ``env_vars``) wins.
+    Otherwise every worker (and each of its own subprocesses) starts one thread per core and
+    N workers oversubscribe the host N times over. An explicit ``OMP_NUM_THREADS`` (forwarded
+    by the default ``env_vars``) wins; otherwise it is exported, so the worker's children get
+    it too.
     """
     if "OMP_NUM_THREADS" in os.environ:
         return
     import torch
 
-    local_world_size = int(launch.env.get("LOCAL_WORLD_SIZE", "1"))
-    torch.set_num_threads(max(1, len(os.sched_getaffinity(0)) // max(1, local_world_size)))
+    local_world_size = int(spec.env.get("LOCAL_WORLD_SIZE", "1"))
+    threads = max(1, len(os.sched_getaffinity(0)) // max(1, local_world_size))
+    os.environ["OMP_NUM_THREADS"] = str(threads)
+    torch.set_num_threads(threads)
 
 
-def _send_exception(control: _LockedChannel, launch: WorkerLaunch, exc: BaseException) -> None:
+def _send_exception(control: _LockedChannel, spec: WorkerSpec, exc: BaseException) -> None:
     text = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
     # Into the worker's log too, where whoever reads the log of this rank looks for it.
-    control.send(("log", time.time(), logging.ERROR, "torchrunx", f"rank {launch.rank} raised:\n{text.rstrip()}"))
+    control.send(WorkerLog(time.time(), logging.ERROR, "torchrunx", f"rank {spec.rank} raised:\n{text.rstrip()}"))
     try:
         blob = _pickling.dumps(exc)
     except Exception:
         blob = []  # the launcher raises a WorkerError with the type name and text instead
-    control.send(("error", launch.local_rank, type(exc).__qualname__, str(exc), text), *blob)
+    control.send(WorkerRaised(spec.local_rank, type(exc).__qualname__, str(exc), text), *blob)
 
 
 def _capture_logging(control: _LockedChannel) -> None:
     """Forward every logging record at or above ``$TORCHRUNX_LOG_LEVEL`` (default INFO), and
     warnings, to the agent: no logging setup needed in the user's function."""
-    name = os.environ.get("TORCHRUNX_LOG_LEVEL", "INFO").strip().upper()
-    level = int(name) if name.isdigit() else logging.getLevelName(name)
+    try:
+        level = log_level_from_env()
+    except ValueError:
+        level = logging.INFO  # the launcher has refused a bad value already
     handler = _ChannelLogHandler(control)
     handler.setFormatter(logging.Formatter("%(message)s"))
     root = logging.getLogger()
     root.addHandler(handler)
-    root.setLevel(level if isinstance(level, int) else logging.INFO)
+    root.setLevel(level)
     logging.captureWarnings(True)
 
 
-def _use_own_gpu(launch: WorkerLaunch) -> None:
+def _use_own_gpu(spec: WorkerSpec) -> None:
     """With CUDA, the worker's current device is the GPU of its local rank (when there is one)."""
     import torch
 
-    if torch.cuda.is_available() and launch.local_rank < torch.cuda.device_count():
-        torch.cuda.set_device(launch.local_rank)
+    if torch.cuda.is_available() and spec.local_rank < torch.cuda.device_count():
+        torch.cuda.set_device(spec.local_rank)
 
 
-def _init_process_group(launch: WorkerLaunch) -> None:
+def _init_process_group(spec: WorkerSpec) -> None:
     import torch
     import torch.distributed as dist
 
-    backend = launch.backend
+    backend = spec.backend
     cuda = torch.cuda.is_available()
     if backend == "auto":
         backend = "nccl" if cuda else "gloo"
-    timeout = timedelta(seconds=launch.timeout)
+    timeout = timedelta(seconds=spec.timeout)
     world_size = int(os.environ["WORLD_SIZE"])
     address, port = os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"])
     store = dist.TCPStore(address, port, world_size, False, timeout)  # type: ignore[attr-defined]
-    dist.init_process_group(backend, store=store, rank=launch.rank, world_size=world_size, timeout=timeout)
+    dist.init_process_group(backend, store=store, rank=spec.rank, world_size=world_size, timeout=timeout)
     if backend != "nccl":
         # Gloo connects its full mesh during init; a rank whose function returns at once would
         # otherwise close its sockets while a peer is still connecting to it.

@@ -15,16 +15,13 @@ import sys
 import traceback
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Literal
+from typing import Literal
 
-from trx_core import ConfigurationError, LogRecord, RunInfo
+from trx_core import ConfigurationError, LogRecord, LogSettings, RunInfo, log_level_from_env
 
 from .files import RunFiles
 from .processors import CONSOLE_CHAIN, JSONL_CHAIN, LEVELLED_STREAMS, TEXT_CHAIN, Processor, event_dict, render
 from .sinks import registered_sinks
-
-if TYPE_CHECKING:
-    from trx_core import Launcher
 
 __all__ = ["LogLayout", "factory"]
 
@@ -104,18 +101,17 @@ class LogLayout:
             self._files.close()
 
 
-def factory(launcher: Launcher) -> LogLayout:
-    """The ``default`` entry point of ``torchrunx.log_pipelines``: the layout `launcher` asks for.
+def factory(settings: LogSettings) -> LogLayout:
+    """The ``default`` entry point of ``torchrunx.log_pipelines``: the layout `settings` ask for.
 
-    Reads ``logs``, ``log_console`` and ``log_format`` from the launcher, the level from
-    ``$TORCHRUNX_LOG_LEVEL`` (default INFO), and takes the sinks registered with `add_sink`.
+    The level comes from ``$TORCHRUNX_LOG_LEVEL`` (default INFO), the sinks from `add_sink`.
     """
-    console, file_format = launcher.log_console, launcher.log_format
+    console, file_format = settings.console, settings.file_format
     if console not in ("stdout", "stderr", None):
         raise ConfigurationError(f"log_console={console!r} is not valid: use 'stdout', 'stderr' or None")
     if file_format not in _SUFFIXES:
         raise ConfigurationError(f"log_format={file_format!r} is not valid: use 'text' or 'jsonl'")
-    folder = Path(launcher.logs).expanduser() if launcher.logs is not None else None
+    folder = Path(settings.folder).expanduser() if settings.folder is not None else None
     if folder is not None and folder.exists() and not folder.is_dir():
         raise ConfigurationError(f"logs={str(folder)!r} is not a folder: pass a folder, or None for no log files")
     if folder is not None:
@@ -123,20 +119,9 @@ def factory(launcher: Launcher) -> LogLayout:
             folder.mkdir(parents=True, exist_ok=True)
         except OSError as e:
             raise ConfigurationError(f"cannot create the log folder logs={str(folder)!r}: {e}") from e
-    return LogLayout(folder, console=console, file_format=file_format, level=level_from_env(), sinks=registered_sinks())
-
-
-def level_from_env() -> int:
-    """``$TORCHRUNX_LOG_LEVEL`` as a number (a name such as ``DEBUG``, or a number); INFO if unset."""
-    value = os.environ.get("TORCHRUNX_LOG_LEVEL", "INFO").strip().upper()
-    if value.isdigit():
-        return int(value)
-    level = logging.getLevelName(value)
-    if not isinstance(level, int):
-        raise ConfigurationError(
-            f"TORCHRUNX_LOG_LEVEL={value!r} is not a level: use DEBUG, INFO, WARNING, ERROR or CRITICAL"
-        )
-    return level
+    return LogLayout(
+        folder, console=console, file_format=file_format, level=log_level_from_env(), sinks=registered_sinks()
+    )
 
 
 def _write(fd: int, data: bytes) -> None:

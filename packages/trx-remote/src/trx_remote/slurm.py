@@ -1,7 +1,8 @@
 """SLURM discovery: the hosts of the current allocation, and how many workers each gets.
 
-`slurm_hostnames` is registered in the ``torchrunx.host_discovery`` entry-point group as
-``slurm``; trx-core calls it for ``hostnames="slurm"`` (and ``"auto"`` inside an allocation).
+`SlurmDiscovery` is registered in the ``torchrunx.host_discovery`` entry-point group as
+``slurm``; trx-core uses it for ``hostnames="slurm"``, and for ``"auto"`` when it applies
+(inside an allocation).
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from collections.abc import Mapping
 
 from trx_core import ConfigurationError
 
-__all__ = ["expand_counts", "expand_hostlist", "slurm_hostnames", "slurm_workers_per_host"]
+__all__ = ["SlurmDiscovery", "expand_counts", "expand_hostlist", "slurm_hostnames", "slurm_workers_per_host"]
 
 _SCONTROL_TIMEOUT_S = 10.0
 
@@ -126,8 +127,8 @@ def slurm_workers_per_host(environ: Mapping[str, str] | None = None) -> list[int
     SLURM says neither: each host then gets what ``workers_per_host="auto"`` gives anywhere.
     ``SLURM_TASKS_PER_NODE`` alone is not enough: SLURM sets it to 1 for every allocation.
 
-    Registered in the ``torchrunx.workers_discovery`` entry-point group as ``slurm``; trx-core
-    calls it for ``workers_per_host="auto"`` on hosts it got from SLURM.
+    trx-core uses it (through `SlurmDiscovery`) for ``workers_per_host="auto"`` on hosts it got
+    from SLURM.
     """
     environ = os.environ if environ is None else environ
     if not (environ.get("SLURM_JOB_NODELIST") or environ.get("SLURM_NODELIST")):
@@ -146,3 +147,19 @@ def slurm_workers_per_host(environ: Mapping[str, str] | None = None) -> list[int
     except ValueError as e:
         raise ConfigurationError(f"cannot read the SLURM allocation's tasks or GPUs per node: {e}") from None
     return None
+
+
+class SlurmDiscovery:
+    """trx-core's host discovery for SLURM: applies inside an allocation (``SLURM_JOB_NODELIST`` set)."""
+
+    def __init__(self, environ: Mapping[str, str] | None = None) -> None:
+        self._environ = os.environ if environ is None else environ
+
+    def applies(self) -> bool:
+        return bool(self._environ.get("SLURM_JOB_NODELIST") or self._environ.get("SLURM_NODELIST"))
+
+    def hostnames(self) -> list[str]:
+        return slurm_hostnames(self._environ)
+
+    def workers_per_host(self) -> list[int] | None:
+        return slurm_workers_per_host(self._environ)

@@ -1,4 +1,10 @@
-"""Linux process plumbing: parent-death signals, subreaping, killing a process tree."""
+"""Linux process plumbing: parent-death signals, subreaping, and the one way to kill what a run started.
+
+`kill_descendants` kills a process's own tree (the agent's teardown); `kill_session` kills
+every process of a session and every process marked with a variable in its environment
+(what an executor uses once an agent is gone, since processes that left the session, e.g. a
+worker's child that called ``setsid``, still carry the mark).
+"""
 
 from __future__ import annotations
 
@@ -71,6 +77,37 @@ def kill_descendants(deadline_s: float = 3.0) -> None:
         if not pids or time.monotonic() > end:
             return
         time.sleep(0.005)
+
+
+def _session_of(pid: str) -> int | None:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return int(f.read().rsplit(")", 1)[1].split()[3])  # field 6 of stat: the session id
+    except (OSError, IndexError, ValueError):
+        return None
+
+
+def _has_mark(pid: str, mark: bytes) -> bool:
+    try:
+        with open(f"/proc/{pid}/environ", "rb") as f:
+            return mark in f.read().split(b"\0")
+    except OSError:
+        return False
+
+
+def kill_session(sid: int | None, mark: tuple[str, str] | None = None) -> list[int]:
+    """SIGKILL every process of session `sid`, and every process whose environment holds
+    ``NAME=VALUE`` for ``mark = (NAME, VALUE)``. Returns the pids signalled."""
+    needle = f"{mark[0]}={mark[1]}".encode() if mark else None
+    killed = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit() or int(entry) == os.getpid():
+            continue
+        if (sid is not None and _session_of(entry) == sid) or (needle is not None and _has_mark(entry, needle)):
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.kill(int(entry), signal.SIGKILL)
+                killed.append(int(entry))
+    return killed
 
 
 def reap_children() -> dict[int, int]:

@@ -1,0 +1,224 @@
+"""The agent's event loop: forks the host's workers and relays everything they say.
+
+Single-threaded and event-driven: one selector over the connection to the launcher, the
+workers' control sockets and output pipes, and a wake-up pipe for SIGCHLD. The messages are
+those of `trx_core.protocol`. `trx_core.agent` starts it once the agent is connected.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import selectors
+import signal
+import time
+
+from . import processes
+from ._lines import LineSplitter
+from .channel import HEARTBEAT_S, Channel, ChannelClosed
+from .protocol import (
+    AgentStopped,
+    Beat,
+    DiscardResult,
+    DumpStacks,
+    LogLine,
+    Logs,
+    ReportProgress,
+    StartWorkers,
+    Stop,
+    WorkerExited,
+    WorkerLog,
+    WorkerSpec,
+)
+from .worker import ForkedWorker, fork_worker
+
+__all__ = ["AgentLoop"]
+
+_READ_SIZE = 1 << 16
+_MAX_DRAIN_READS = 256  # 16 MiB
+
+
+class AgentLoop:
+    """The agent's state and event loop. Owns every worker it forks."""
+
+    def __init__(self, channel: Channel, heartbeat_timeout: float) -> None:
+        self.channel = channel  # to the launcher
+        self.heartbeat_timeout = heartbeat_timeout
+        self.selector = selectors.DefaultSelector()
+        self.workers: dict[int, ForkedWorker] = {}  # by pid
+        self.splitters: dict[int, LineSplitter] = {}  # by pipe fd
+        self.pending_logs: list[LogLine] = []
+        wake_r, self._wake_w = os.pipe()
+        self._wake_r = wake_r
+        for fd in (wake_r, self._wake_w):
+            os.set_blocking(fd, False)
+        self.selector.register(channel.fileno(), selectors.EVENT_READ, ("launcher", None))
+        self.selector.register(wake_r, selectors.EVENT_READ, ("wake", None))
+
+    # -- events -----------------------------------------------------------------------
+    def serve(self) -> str:
+        """Follow events until the run ends; return why the agent stopped ("" when asked to)."""
+        signal.signal(signal.SIGCHLD, lambda *_: None)
+        signal.set_wakeup_fd(self._wake_w, warn_on_full_buffer=False)
+        while True:
+            for key, _ in self.selector.select(HEARTBEAT_S):
+                if self.selector.get_map().get(key.fileobj) is not key:
+                    continue  # closed while an earlier event of this batch was handled
+                kind, who = key.data
+                if kind == "launcher":
+                    reason = self._from_launcher()
+                    if reason is not None:
+                        return reason
+                elif kind == "wake":
+                    self._drain_wakeups()
+                    self._reap()
+                elif kind == "control":
+                    self._from_worker_control(who)
+                else:
+                    self._from_worker_pipe(key.fd, who, kind)
+            self._flush_logs()
+            now = time.monotonic()
+            silent = now - self.channel.last_received
+            if silent > self.heartbeat_timeout:
+                return f"the launcher was silent for {silent:.0f} s (its host down, or the network cut?)"
+            if now - self.channel.last_sent >= HEARTBEAT_S:
+                self.channel.send(Beat())
+
+    def _from_launcher(self) -> str | None:
+        """Handle one message; a reason to stop ("" when asked to), or None to go on."""
+        try:
+            message, payload = self.channel.recv()
+        except ChannelClosed:
+            return "its connection to the launcher was lost"
+        match message:
+            case StartWorkers(workers):
+                self._start_workers(workers, payload)
+            case DumpStacks():
+                for worker in self.workers.values():
+                    with contextlib.suppress(ChannelClosed, OSError):
+                        worker.control.send(ReportProgress())
+            case Stop():
+                return ""
+        return None
+
+    def _start_workers(self, specs: tuple[WorkerSpec, ...], payload: bytearray) -> None:
+        for spec in specs:
+            worker = fork_worker(spec, payload)
+            self.workers[worker.pid] = worker
+            self.selector.register(worker.control.fileno(), selectors.EVENT_READ, ("control", worker))
+            for fd, stream in ((worker.stdout, "stdout"), (worker.stderr, "stderr")):
+                self.splitters[fd] = LineSplitter()
+                self.selector.register(fd, selectors.EVENT_READ, (stream, worker))
+            self._agent_log(f"started worker rank {spec.rank} (local rank {spec.local_rank}, pid {worker.pid})")
+        self._reap()  # a worker may already be gone
+
+    def _from_worker_control(self, worker: ForkedWorker) -> None:
+        try:
+            message, blob_len = worker.control.recv_header()
+        except ChannelClosed:
+            self.selector.unregister(worker.control.fileno())
+            return
+        match message:
+            case WorkerLog(created, level, logger, text):
+                self.pending_logs.append(LogLine(created, worker.spec.local_rank, "logging", level, text, logger))
+            case _:  # a result, an exception or a stall: relayed untouched (the blob is the launcher's to decode)
+                self._flush_logs()
+                if not self.channel.forward(message, blob_len, worker.control):
+                    self.channel.send(DiscardResult(worker.spec.local_rank))  # the worker died mid-send
+
+    def _from_worker_pipe(self, fd: int, worker: ForkedWorker, stream: str) -> bool:
+        """Read once from a worker's pipe; False if it had nothing to read right now."""
+        try:
+            data = os.read(fd, _READ_SIZE)
+        except BlockingIOError:
+            return False
+        splitter = self.splitters[fd]
+        self._add_lines(worker, stream, splitter.feed(data) if data else splitter.flush())
+        if not data:
+            self.selector.unregister(fd)
+            os.close(fd)
+            del self.splitters[fd]
+        return True
+
+    def _drain_wakeups(self) -> None:
+        try:
+            while os.read(self._wake_r, 4096):
+                pass
+        except BlockingIOError:
+            pass
+
+    def _reap(self) -> None:
+        for pid, status in processes.reap_children().items():
+            worker = self.workers.get(pid)
+            if worker is None:
+                continue  # an orphaned grandchild, re-parented to us
+            self._drain_worker(worker)
+            how = processes.describe_wait_status(status)
+            spec = worker.spec
+            level = logging.INFO if how == "exit code 0" else logging.ERROR
+            self._agent_log(f"worker rank {spec.rank} (local rank {spec.local_rank}) ended: {how}", level)
+            self._flush_logs()
+            self.channel.send(WorkerExited(spec.local_rank, how))
+
+    def _drain_worker(self, worker: ForkedWorker) -> None:
+        """Everything a worker wrote before it died is read before its death is reported."""
+        while worker.control.fileno() in self.selector.get_map():
+            ready = selectors.DefaultSelector()
+            ready.register(worker.control.fileno(), selectors.EVENT_READ)
+            has_data = bool(ready.select(0))
+            ready.close()
+            if not has_data:
+                break
+            self._from_worker_control(worker)
+        for fd, stream in ((worker.stdout, "stdout"), (worker.stderr, "stderr")):
+            # Until the pipe is empty (or closed), but bounded: a child of the worker may
+            # still hold the pipe and keep writing; the selector loop takes over from here.
+            for _ in range(_MAX_DRAIN_READS):
+                if fd not in self.splitters or not self._from_worker_pipe(fd, worker, stream):
+                    break
+                self._flush_logs()
+
+    def _flush_partial_lines(self, worker: ForkedWorker) -> None:
+        """Emit what a dead worker wrote without a final newline (its pipe may stay open)."""
+        for fd, stream in ((worker.stdout, "stdout"), (worker.stderr, "stderr")):
+            if fd in self.splitters:
+                self._add_lines(worker, stream, self.splitters[fd].flush())
+
+    def _add_lines(self, worker: ForkedWorker, stream: str, lines: list[str]) -> None:
+        now, local_rank = time.time(), worker.spec.local_rank
+        self.pending_logs.extend(LogLine(now, local_rank, stream, logging.INFO, line, "") for line in lines)
+
+    # -- output -----------------------------------------------------------------------
+    def _agent_log(self, message: str, level: int = logging.INFO) -> None:
+        self.pending_logs.append(LogLine(time.time(), None, "agent", level, message, ""))
+
+    def _flush_logs(self) -> None:
+        if self.pending_logs:
+            lines, self.pending_logs = self.pending_logs, []
+            self.channel.send(Logs(tuple(lines)))
+
+    # -- teardown ---------------------------------------------------------------------
+    def stop(self, reason: str) -> None:
+        """Kill every process we started, forward what they wrote, and say we stopped (and why).
+
+        Workers that already died on their own are reported first, with their real exit
+        status: a crash is usually the cause of the errors its peers raise.
+        """
+        if reason:
+            self._agent_log(f"stopping: {reason}", logging.ERROR)
+        self._reap()
+        for pid in self.workers:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(pid, signal.SIGKILL)
+        processes.kill_descendants()
+        for worker in self.workers.values():
+            self._drain_worker(worker)
+            self._flush_partial_lines(worker)
+        self._flush_logs()
+        self.channel.send(AgentStopped(reason))
+
+    def close(self) -> None:
+        self.selector.close()
+        for fd in (self._wake_r, self._wake_w):
+            os.close(fd)

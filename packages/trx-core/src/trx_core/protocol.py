@@ -1,0 +1,244 @@
+"""Every message that crosses a process boundary in a run, one frozen dataclass per kind.
+
+Two links carry them, both over `trx_core.channel.Channel` frames (a pickled message plus an
+optional opaque blob of user data that is never re-pickled on the way):
+
+- **launcher <-> agent**: one authenticated TCP connection per host;
+- **agent <-> worker**: one socket pair per worker (the worker's *control* socket).
+
+Receivers dispatch with ``match``. The table in the documentation ("How it works") is
+generated from this module (`message_table`), so the two cannot drift apart.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import NamedTuple
+
+__all__ = [
+    "AGENT_TO_LAUNCHER",
+    "AGENT_TO_WORKER",
+    "LAUNCHER_TO_AGENT",
+    "WORKER_TO_AGENT",
+    "AgentStopped",
+    "Beat",
+    "DiscardResult",
+    "DumpStacks",
+    "Hello",
+    "LogLine",
+    "Logs",
+    "Message",
+    "Ready",
+    "ReportProgress",
+    "StartWorkers",
+    "Stop",
+    "WorkerExited",
+    "WorkerLog",
+    "WorkerRaised",
+    "WorkerResult",
+    "WorkerSpec",
+    "WorkerStalled",
+    "message_table",
+]
+
+
+class LogLine(NamedTuple):
+    """One line of output or one log message, as it travels in `Logs` (a tuple, for speed)."""
+
+    time: float
+    local_rank: int | None  # None: the agent's own message
+    stream: str  # "stdout", "stderr", "logging" or "agent"
+    level: int
+    message: str
+    logger: str
+
+
+@dataclass(frozen=True)
+class WorkerSpec:
+    """What one worker needs, besides the function payload."""
+
+    rank: int
+    local_rank: int
+    env: Mapping[str, str]
+    """Variables set in the worker's environment (RANK, WORLD_SIZE, MASTER_ADDR...)."""
+    backend: str | None
+    timeout: int
+    sys_path: tuple[str, ...] = ()
+    """The launcher's ``sys.path``: what imports there, imports here (same paths permitting)."""
+    hang_timeout: float | None = None
+    """Report the worker as stalled once its main thread stays put this long (None: never)."""
+    argv: tuple[str, ...] = ()
+    """The launcher's ``sys.argv``, which the worker's ``sys.argv`` becomes."""
+    main_path: str | None = None
+    """The launcher's ``__main__`` script, which the worker's ``__main__`` mirrors (None: none)."""
+
+
+# -- launcher -> agent ------------------------------------------------------------------
+@dataclass(frozen=True)
+class StartWorkers:
+    """Fork these workers; the blob is the pickled function and arguments, shared by all."""
+
+    workers: tuple[WorkerSpec, ...]
+
+
+@dataclass(frozen=True)
+class DumpStacks:
+    """A rank looks hung: every worker writes its stack to its log and reports how long it is stuck."""
+
+
+@dataclass(frozen=True)
+class Stop:
+    """Kill every worker, forward what they wrote, say `AgentStopped` and exit."""
+
+
+@dataclass(frozen=True)
+class Beat:
+    """Heartbeat, both ways: sent after a second without any other message."""
+
+
+# -- agent -> launcher ------------------------------------------------------------------
+@dataclass(frozen=True)
+class Hello:
+    """The agent's first words once authenticated; heartbeats follow from then on, also while
+    it imports torch."""
+
+    host_index: int
+    hostname: str
+    pid: int
+
+
+@dataclass(frozen=True)
+class Ready:
+    """The agent has imported torch: what the launcher needs to plan its workers."""
+
+    gpus: int
+    cpus: int
+    port: int
+    """The rendezvous store's port when this agent hosts it, else a port free on its host."""
+    hosts_store: bool = False
+
+
+@dataclass(frozen=True)
+class Logs:
+    """Lines of output and log messages of the agent and its workers, in order per worker."""
+
+    lines: tuple[LogLine, ...]
+
+
+@dataclass(frozen=True)
+class WorkerExited:
+    """A worker ended; `how` is e.g. ``exit code 0`` or ``killed by signal SIGKILL``."""
+
+    local_rank: int
+    how: str
+
+
+@dataclass(frozen=True)
+class DiscardResult:
+    """The result or exception of this worker was cut short by its death: drop it."""
+
+    local_rank: int
+
+
+@dataclass(frozen=True)
+class AgentStopped:
+    """The agent stopped its workers and is exiting; `reason` says why when it was not asked to."""
+
+    reason: str = ""
+
+
+# -- worker -> agent (relayed unchanged to the launcher where noted) ---------------------
+@dataclass(frozen=True)
+class WorkerResult:
+    """The function returned; the blob is its pickled return value. Relayed to the launcher."""
+
+    local_rank: int
+
+
+@dataclass(frozen=True)
+class WorkerRaised:
+    """The function raised; the blob is the pickled exception (empty if it would not pickle).
+    Relayed to the launcher."""
+
+    local_rank: int
+    type_name: str
+    message: str
+    traceback: str
+
+
+@dataclass(frozen=True)
+class WorkerStalled:
+    """The worker's main thread has not moved for `seconds`, at `where`. Relayed to the launcher."""
+
+    local_rank: int
+    seconds: float
+    where: str
+
+
+@dataclass(frozen=True)
+class WorkerLog:
+    """A Python logging record of the worker (the agent batches these into `Logs`)."""
+
+    time: float
+    level: int
+    logger: str
+    message: str
+
+
+# -- agent -> worker --------------------------------------------------------------------
+@dataclass(frozen=True)
+class ReportProgress:
+    """Write your stack to your log and send `WorkerStalled` with how long you have been stuck."""
+
+
+Message = (
+    StartWorkers
+    | DumpStacks
+    | Stop
+    | Beat
+    | Hello
+    | Ready
+    | Logs
+    | WorkerExited
+    | DiscardResult
+    | AgentStopped
+    | WorkerResult
+    | WorkerRaised
+    | WorkerStalled
+    | WorkerLog
+    | ReportProgress
+)
+
+LAUNCHER_TO_AGENT: tuple[type, ...] = (StartWorkers, DumpStacks, Stop, Beat)
+AGENT_TO_LAUNCHER: tuple[type, ...] = (
+    Hello,
+    Ready,
+    Logs,
+    WorkerResult,
+    WorkerRaised,
+    WorkerStalled,
+    DiscardResult,
+    WorkerExited,
+    AgentStopped,
+    Beat,
+)
+WORKER_TO_AGENT: tuple[type, ...] = (WorkerResult, WorkerRaised, WorkerStalled, WorkerLog)
+AGENT_TO_WORKER: tuple[type, ...] = (ReportProgress,)
+
+
+def message_table() -> str:
+    """A Markdown table of every message: direction, name, fields, meaning (for the docs)."""
+    rows = ["| direction | message | fields | meaning |", "|---|---|---|---|"]
+    for direction, kinds in (
+        ("launcher → agent", LAUNCHER_TO_AGENT),
+        ("agent → launcher", AGENT_TO_LAUNCHER),
+        ("worker → agent", WORKER_TO_AGENT),
+        ("agent → worker", AGENT_TO_WORKER),
+    ):
+        for kind in kinds:
+            fields = ", ".join(f"`{f.name}`" for f in dataclasses.fields(kind)) or "—"
+            meaning = " ".join((kind.__doc__ or "").split())
+            rows.append(f"| {direction} | `{kind.__name__}` | {fields} | {meaning} |")
+    return "\n".join(rows)

@@ -199,9 +199,13 @@ def _config(workdir: Path, bed: TestBed, port: int, munge_socket: Path) -> Path:
         + nodes
         + "PartitionName=debug Nodes=ALL Default=YES MaxTime=INFINITE State=UP\n"
     )
-    # slurmd 22.05 loads a cgroup plugin even with proctrack/linuxproc and task/none; it needs
-    # to be told where cgroup v1 is, and that there is no systemd to ask
-    (workdir / "cgroup.conf").write_text("CgroupPlugin=cgroup/v1\nCgroupMountpoint=/sys/fs/cgroup\nIgnoreSystemd=yes\n")
+    # slurmd 22.05 loads a cgroup plugin even with proctrack/linuxproc and task/none, and its
+    # autodetection fails on a v1 hierarchy under a tmpfs: say which it is, and that there is no
+    # systemd to ask (v2 is chosen on a unified hierarchy, but was not tried on one)
+    version = "v2" if Path("/sys/fs/cgroup/cgroup.controllers").exists() else "v1"
+    (workdir / "cgroup.conf").write_text(
+        f"CgroupPlugin=cgroup/{version}\nCgroupMountpoint=/sys/fs/cgroup\nIgnoreSystemd=yes\n"
+    )
     return conf
 
 

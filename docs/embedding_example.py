@@ -56,8 +56,8 @@ class LocalAgent:
 class LocalOnlyExecutor:
     """Every host is this machine: good for a framework that only runs on one node."""
 
-    def __init__(self, launcher: trx_core.Launcher) -> None:
-        self.launcher = launcher
+    def __init__(self, settings: trx_core.ExecutorSettings) -> None:
+        self.settings = settings  # what an executor may know of the launch (e.g. ssh_config_file)
 
     def launcher_address(self, hostname: str) -> str:
         return "127.0.0.1"

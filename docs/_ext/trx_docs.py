@@ -19,6 +19,13 @@ the installed packages really do.
         :max-lines: 5
         ```
 
+``message-table``
+    The table of every protocol message, made from ``trx_core.protocol`` by
+    ``message_table()``, so that the page cannot drift from the code::
+
+        ```{message-table}
+        ```
+
 A failing command fails the build, with its output in the error.
 """
 
@@ -141,7 +148,20 @@ class LogExample(SphinxDirective):
         return [block]
 
 
+class MessageTable(SphinxDirective):
+    """The protocol's messages as a table, from the installed ``trx_core.protocol``."""
+
+    def run(self) -> list[nodes.Node]:
+        from trx_core import protocol
+
+        self.env.note_dependency(str(protocol.__file__))
+        container = nodes.container()
+        self.state.nested_parse(protocol.message_table().splitlines(), self.content_offset, container)
+        return list(container.children)
+
+
 def setup(app: Sphinx) -> dict[str, Any]:
+    app.add_directive("message-table", MessageTable)
     app.add_directive("program-output", ProgramOutput)
     app.add_directive("log-example", LogExample)
     return {"version": "1", "parallel_read_safe": False, "parallel_write_safe": True}

@@ -26,9 +26,14 @@ HOST_DISCOVERY = "torchrunx.host_discovery"
 _registered: dict[tuple[str, str], Any] = {}
 
 
-@functools.cache
 def _installed(group: str) -> dict[str, EntryPoint]:
-    # Scanning the installed distributions costs tens of milliseconds: once per group and process.
+    return _scan(group, tuple(sys.path))
+
+
+@functools.lru_cache(maxsize=32)
+def _scan(group: str, path: tuple[str, ...]) -> dict[str, EntryPoint]:
+    # Scanning the installed distributions costs tens of milliseconds: once per group, for as
+    # long as sys.path (where distributions are found) stays the same.
     return {ep.name: ep for ep in entry_points(group=group)}
 
 

@@ -7,15 +7,16 @@ import os
 import signal
 import subprocess
 import tempfile
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
-from trx_core import AgentProcess, AgentSpec
+from trx_core import AgentProcess, AgentSpec, ExecutorSettings
+from trx_core.processes import kill_session
 
 from .command import agent_argv, agent_mark, describe_end
 from .hosts import is_local_host
 
 if TYPE_CHECKING:
-    from trx_core import Launcher, NodeExecutor
+    from trx_core import NodeExecutor
 
 __all__ = ["AutoExecutor", "LocalAgentProcess", "LocalExecutor"]
 
@@ -69,8 +70,8 @@ class LocalAgentProcess:
                 self._popen.wait(_STOP_WAIT_S)
         # Whatever is left, e.g. after the agent was SIGKILLed: in its session, or marked (a
         # worker's child that left the session). Again if something was, for what it forked meanwhile.
-        if _kill_session(self._popen.pid, self._mark):
-            _kill_session(self._popen.pid, self._mark)
+        if kill_session(self._popen.pid, self._mark):
+            kill_session(self._popen.pid, self._mark)
         self._popen.wait()
         if self._pidfd >= 0:
             os.close(self._pidfd)
@@ -78,34 +79,14 @@ class LocalAgentProcess:
         self._output.close()
 
 
-def _kill_session(sid: int, mark: tuple[str, str]) -> int:
-    """SIGKILL every process of session `sid` and every process whose environment holds `mark`;
-    return how many were signalled."""
-    needle = f"{mark[0]}={mark[1]}".encode()
-    killed = 0
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit() or int(entry) == os.getpid():
-            continue
-        try:
-            with open(f"/proc/{entry}/stat") as f:
-                in_session = int(f.read().rsplit(")", 1)[1].split()[3]) == sid  # field 6 of stat: the session id
-            if not in_session:
-                with open(f"/proc/{entry}/environ", "rb") as f:
-                    if needle not in f.read().split(b"\0"):
-                        continue
-        except (OSError, IndexError, ValueError):
-            continue
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.kill(int(entry), signal.SIGKILL)
-            killed += 1
-    return killed
-
-
 class LocalExecutor:
-    """Starts agents as child processes of the launcher. Only for this machine."""
+    """Starts agents as child processes of the launcher. Only for this machine.
 
-    def __init__(self, launcher: Launcher | None = None) -> None:
-        self.launcher = launcher
+    It takes `settings` as every executor factory does, and needs none of them.
+    """
+
+    def __init__(self, settings: ExecutorSettings | None = None) -> None:
+        pass
 
     def launcher_address(self, hostname: str) -> str:
         return "127.0.0.1"
@@ -117,10 +98,10 @@ class LocalExecutor:
 class AutoExecutor:
     """Local for this machine's own names and addresses, SSH for every other host."""
 
-    def __init__(self, launcher: Launcher) -> None:
-        self.launcher = launcher
-        self._local = LocalExecutor(launcher)
-        self._ssh: Any = None
+    def __init__(self, settings: ExecutorSettings | None = None) -> None:
+        self._settings = settings or ExecutorSettings()
+        self._local = LocalExecutor(self._settings)
+        self._ssh: NodeExecutor | None = None  # built on first use: paramiko is imported only if needed
 
     def _for(self, hostname: str) -> NodeExecutor:
         if is_local_host(hostname):
@@ -128,8 +109,8 @@ class AutoExecutor:
         if self._ssh is None:
             from .ssh import SSHExecutor
 
-            self._ssh = SSHExecutor(self.launcher)
-        return self._ssh  # type: ignore[no-any-return]
+            self._ssh = SSHExecutor(self._settings)
+        return self._ssh
 
     def launcher_address(self, hostname: str) -> str:
         return self._for(hostname).launcher_address(hostname)

@@ -23,19 +23,15 @@ import threading
 import time
 import warnings
 from collections.abc import Mapping
-from typing import TYPE_CHECKING
 
 import paramiko
 
-from trx_core import AgentFailedError, AgentSpec
+from trx_core import AgentFailedError, AgentSpec, ExecutorSettings
 
 from .addresses import AddressError, route_source_address
 from .command import agent_argv, agent_mark, describe_end, load_script
 from .ssh_config import SSHHost, load_ssh_config, route, ssh_host
 from .ssh_connection import SSHConnection, SSHError, explain
-
-if TYPE_CHECKING:
-    from trx_core import Launcher
 
 __all__ = ["SSHAgentProcess", "SSHError", "SSHExecutor", "SSHHost", "load_ssh_config", "ssh_host"]
 
@@ -161,11 +157,10 @@ class SSHAgentProcess:
 
 
 class SSHExecutor:
-    """Starts agents over SSH, as the launcher's ssh config says."""
+    """Starts agents over SSH, as the ssh config of `settings` says (default ``~/.ssh/config``)."""
 
-    def __init__(self, launcher: Launcher | None = None) -> None:
-        self.launcher = launcher
-        self.config = load_ssh_config(launcher.ssh_config_file if launcher is not None else None)
+    def __init__(self, settings: ExecutorSettings | None = None) -> None:
+        self.config = load_ssh_config((settings or ExecutorSettings()).ssh_config_file)
         self._addresses: dict[str, str] = {}
 
     def host(self, hostname: str) -> SSHHost:

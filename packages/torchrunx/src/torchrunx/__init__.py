@@ -7,6 +7,8 @@ This package only composes trx-core (the launcher and runtime), trx-remote (loca
 executors) and trx-logging (the log layout), and re-exports the public API.
 """
 
+from importlib.metadata import version as _version
+
 from trx_core import (
     DEFAULT_ENV_VARS,
     AgentFailedError,
@@ -20,6 +22,9 @@ from trx_core import (
     launch,
 )
 from trx_logging import add_sink
+
+__version__ = _version("torchrunx")
+"""The installed version of torchrunx."""
 
 __all__ = [
     "DEFAULT_ENV_VARS",

@@ -7,14 +7,14 @@ import os
 import warnings
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any, Literal
 
+from ._checks import call_arguments, check_numpy_torch_versions, validate_workers_per_host
 from .errors import ConfigurationError
 from .results import LaunchResult
 
-__all__ = ["DEFAULT_ENV_VARS", "Launcher", "launch"]
+__all__ = ["DEFAULT_ENV_VARS", "Launcher", "check_numpy_torch_versions", "launch"]
 
 DEFAULT_ENV_VARS: tuple[str, ...] = (
     "PATH",
@@ -35,6 +35,8 @@ DEFAULT_ENV_VARS: tuple[str, ...] = (
     "MKL_*",
     "HF_*",
     "TRANSFORMERS_*",
+    "ACCELERATE_*",
+    "WANDB_*",
 )
 """Environment variables copied from the launcher to agents and workers by default
 (fnmatch patterns): what Python, PyTorch, CUDA, NCCL and the usual ML libraries read."""
@@ -44,15 +46,16 @@ _BACKENDS = ("nccl", "gloo", "mpi", "ucc", "auto")
 
 
 def _default_logs() -> Path | None:
-    return Path(os.environ.get("TORCHRUNX_LOG_DIR", "torchrunx_logs"))
+    folder = os.environ.get("TORCHRUNX_LOG_DIR", "torchrunx_logs")
+    return Path(folder) if folder else None  # set but empty: no files, as upstream torchrunx
 
 
 @dataclass
 class Launcher:
     """Runs a function on every worker of one or many hosts.
 
-    Every field is a plain type, so ``tyro.cli(Launcher)`` builds one from the command line,
-    with these descriptions as the help of its flags.
+    Every field is a plain type, so tyro.cli(Launcher) builds one from the command line, with
+    these descriptions as the help of its flags.
     """
 
     # Field docs are plain text: tyro prints them as they are in --help.
@@ -74,8 +77,8 @@ class Launcher:
     """Backend of the workers' process group. "auto": nccl with CUDA, else gloo; None: no group."""
 
     logs: Path | None = field(default_factory=_default_logs)
-    """Folder for the run's log files (default: $TORCHRUNX_LOG_DIR, else ./torchrunx_logs); None:
-    write no files."""
+    """Folder for the run's log files (default: $TORCHRUNX_LOG_DIR, else ./torchrunx_logs); None,
+    or TORCHRUNX_LOG_DIR set but empty: write no files."""
 
     log_console: Literal["stdout", "stderr"] | None = "stdout"
     """Where the launcher shows agent 0's log (its messages and rank 0's output) as it happens;
@@ -87,6 +90,9 @@ class Launcher:
 
     env_vars: tuple[str, ...] = DEFAULT_ENV_VARS
     """Launcher environment variables copied to agents and workers (fnmatch patterns)."""
+
+    extra_env_vars: dict[str, str] | None = None
+    """Variables set on every agent and worker with these values, besides those env_vars copies."""
 
     env_file: Path | None = None
     """A file that bash sources on every host before the agent starts."""
@@ -113,6 +119,7 @@ class Launcher:
         func_kwargs: Mapping[str, Any] | None = None,
         *,
         func_args: Sequence[Any] | None = None,
+        **unexpected: Any,
     ) -> LaunchResult:
         """Run ``func(*func_args, **func_kwargs)`` on every worker; return their results by rank.
 
@@ -123,8 +130,9 @@ class Launcher:
         """
         from .run import execute  # the runtime, kept out of `import trx_core`'s path
 
+        args, kwargs = call_arguments(func_kwargs, func_args, unexpected)
         self.validate()
-        return execute(self, func, tuple(func_args or ()), dict(func_kwargs or {}))
+        return execute(self, func, args, kwargs)
 
     def validate(self) -> None:
         """Raise `ConfigurationError` for settings that cannot work, saying what to change."""
@@ -145,7 +153,7 @@ class Launcher:
                     f"hostnames lists {duplicates} more than once; list each host once and "
                     "set workers_per_host for more workers on it"
                 )
-        _validate_workers_per_host(self.workers_per_host, self.hostnames)
+        validate_workers_per_host(self.workers_per_host, self.hostnames)
         if self.backend not in (*_BACKENDS, None):
             raise ConfigurationError(f"unknown backend {self.backend!r}: use one of {', '.join(_BACKENDS)} or None")
         if not isinstance(self.timeout, int) or isinstance(self.timeout, bool) or self.timeout <= 0:
@@ -161,6 +169,15 @@ class Launcher:
                 f"heartbeat_timeout must be at least 3 seconds (heartbeats go every second), "
                 f"got {self.heartbeat_timeout!r}"
             )
+        if self.extra_env_vars is not None and not (
+            isinstance(self.extra_env_vars, Mapping)
+            and all(
+                isinstance(k, str) and k and "=" not in k and isinstance(v, str) for k, v in self.extra_env_vars.items()
+            )
+        ):
+            raise ConfigurationError(
+                f"extra_env_vars must map variable names to string values, got {self.extra_env_vars!r}"
+            )
         if isinstance(self.env_vars, str):
             raise ConfigurationError(f"env_vars must be a tuple of patterns, not the string {self.env_vars!r}")
         check_numpy_torch_versions()
@@ -173,9 +190,11 @@ class Launcher:
                 )
 
     def matched_env(self, environ: Mapping[str, str] | None = None) -> dict[str, str]:
-        """The launcher's environment variables that `env_vars` selects."""
+        """The variables every agent and worker gets: the launcher's that `env_vars` selects,
+        then `extra_env_vars`."""
         environ = os.environ if environ is None else environ
-        return {k: v for k, v in environ.items() if any(fnmatch.fnmatchcase(k, p) for p in self.env_vars)}
+        matched = {k: v for k, v in environ.items() if any(fnmatch.fnmatchcase(k, p) for p in self.env_vars)}
+        return {**matched, **(self.extra_env_vars or {})}
 
 
 def launch(
@@ -186,62 +205,12 @@ def launch(
     **launcher_fields: Any,
 ) -> LaunchResult:
     """Run `func` on every worker: ``Launcher(**launcher_fields).run(func, func_kwargs, func_args=...)``."""
+    for name in ("func_args", "func_kwargs"):
+        if name in launcher_fields:  # only reachable by an odd call, but say it plainly
+            raise ConfigurationError(f"{name} given twice")
+    args, kwargs = call_arguments(func_kwargs, func_args, {})
     try:
         launcher = Launcher(**launcher_fields)
     except TypeError as e:
         raise ConfigurationError(f"{e}; valid fields are those of torchrunx.Launcher") from None
-    return launcher.run(func, func_kwargs, func_args=func_args)
-
-
-def _validate_workers_per_host(value: object, hostnames: object) -> None:
-    def _check_count(n: object) -> None:
-        if not isinstance(n, int) or isinstance(n, bool) or n <= 0:
-            raise ConfigurationError(f"workers_per_host must be positive whole numbers, got {n!r}")
-
-    if isinstance(value, str):
-        if value not in ("auto", "gpu", "cpu"):
-            raise ConfigurationError(
-                f"workers_per_host={value!r} is not valid: use a number, a list of numbers, 'auto', 'gpu' or 'cpu'"
-            )
-    elif isinstance(value, (list, tuple)):
-        for n in value:
-            _check_count(n)
-        if isinstance(hostnames, (list, tuple)) and len(value) != len(hostnames):
-            raise ConfigurationError(
-                f"workers_per_host has {len(value)} entries but hostnames has {len(hostnames)}: "
-                "give one count per host, or a single number for all"
-            )
-    else:
-        _check_count(value)
-
-
-def _major_minor(text: str) -> tuple[int, int]:
-    parts = text.split(".")
-    return int(parts[0]), int("".join(c for c in parts[1] if c.isdigit()) or 0) if len(parts) > 1 else 0
-
-
-def _installed(package: str) -> str | None:
-    try:
-        return version(package)
-    except PackageNotFoundError:
-        return None
-
-
-def check_numpy_torch_versions(numpy_version: str | None = None, torch_version: str | None = None) -> None:
-    """NumPy >= 2.0 only works with torch >= 2.3: refuse the bad pair up front.
-
-    The versions default to the installed ones.
-    """
-    numpy_version = numpy_version or _installed("numpy")
-    torch_version = torch_version or _installed("torch")
-    if not (numpy_version and torch_version):
-        return
-    try:
-        bad = _major_minor(numpy_version) >= (2, 0) and _major_minor(torch_version) < (2, 3)
-    except ValueError:
-        return  # a version we cannot read: let the import itself say what is wrong
-    if bad:
-        raise ConfigurationError(
-            f"NumPy {numpy_version} needs torch >= 2.3, but torch {torch_version} is installed: "
-            "upgrade torch (pip install 'torch>=2.3') or install 'numpy<2'"
-        )
+    return launcher.run(func, kwargs, func_args=args)

@@ -111,19 +111,39 @@ class _LockedChannel:
 
 
 class _ChannelLogHandler(logging.Handler):
-    """Forwards Python logging records, with their level, to the agent."""
+    """Forwards Python logging records, with their level, to the agent (unless the record is
+    printed to the worker's stdout or stderr already, which the agent captures anyway)."""
 
     def __init__(self, channel: _LockedChannel) -> None:
         super().__init__()
         self._channel = channel
 
     def emit(self, record: logging.LogRecord) -> None:
+        if _printed_to_a_standard_stream(record):
+            return
         try:
             # A formatted warning ends with a newline (and its source line): not part of the message.
             message = self.format(record).rstrip("\n")
             self._channel.send(WorkerLog(record.created, record.levelno, record.name, message))
         except Exception:
             self.handleError(record)
+
+
+def _printed_to_a_standard_stream(record: logging.LogRecord) -> bool:
+    """True if a handler on the record's way up (Lightning's own, or one of basicConfig) writes
+    it to standard output or error: then it reaches the logs as a line of output already."""
+    streams = (sys.stdout, sys.stderr)
+    logger: logging.Logger | None = logging.getLogger(record.name)
+    while logger is not None:
+        for handler in logger.handlers:
+            if (
+                isinstance(handler, logging.StreamHandler)
+                and getattr(handler, "stream", None) in streams
+                and record.levelno >= handler.level
+            ):
+                return True
+        logger = logger.parent if logger.propagate else None
+    return False
 
 
 def _run(spec: WorkerSpec, payload: bytes | bytearray, channel: Channel) -> NoReturn:

@@ -9,6 +9,9 @@ itself (gloo: DeepSpeed's CPU accelerator falls back to it without Intel's oneCC
 starts no group here (``backend=None``). The optimizer is torch's own AdamW: DeepSpeed's fused
 optimizers need CUDA or a compiler at run time. The optimizer state is partitioned across the
 workers (ZeRO stage 1); rank 0 returns the first and last loss, averaged over the workers.
+
+The first run on a machine compiles DeepSpeed's shared-memory communication op for CPU (gcc
+and ninja, about a minute on 2 cores) into ~/.cache/torch_extensions; later runs load it.
 """
 
 from __future__ import annotations

@@ -156,11 +156,11 @@ def _with_target(rest: Sequence[str], launcher_args: list[str], module: bool, nn
 
 
 def _launcher_flags() -> dict[str, bool]:
-    """Each Launcher flag (tyro spelling) -> whether it takes several values (a list or tuple field)."""
+    """Each Launcher flag (tyro spelling) -> whether it takes several values (a list, tuple or dict field)."""
     hints = typing.get_type_hints(Launcher)
     return {
         "--" + f.name.replace("_", "-"): any(
-            typing.get_origin(t) in (list, tuple) for t in (*typing.get_args(hints[f.name]), hints[f.name])
+            typing.get_origin(t) in (list, tuple, dict) for t in (*typing.get_args(hints[f.name]), hints[f.name])
         )
         for f in fields(Launcher)
     }

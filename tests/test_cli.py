@@ -90,6 +90,7 @@ def test_the_command_runs_a_torchrun_script_across_two_ssh_hosts(multihost_bed: 
         (["--nproc_per_node=2", "--standalone", "t.py"], ["--workers-per-host", "2"], "t.py", [], False),
         (["--workers-per-host", "2", "1", "train"], ["--workers-per-host", "2", "1"], "train", [], False),
         (["--env-vars", "A*", "--", "run", "-x"], ["--env-vars", "A*"], "run", ["-x"], False),
+        (["--workers-per-host", "two", "t.py"], ["--workers-per-host", "two"], "t.py", [], False),
         (["--extra-env-vars", "A", "1", "B", "2", "t.py"], ["--extra-env-vars", "A", "1", "B", "2"], "t.py", [], False),
         (["--nproc-per-node", "2", "-m", "pkg.train", "--x"], ["--workers-per-host", "2"], "pkg.train", ["--x"], True),
         (["t.py", "--hostnames", "x", "--", "-m"], [], "t.py", ["--hostnames", "x", "--", "-m"], False),

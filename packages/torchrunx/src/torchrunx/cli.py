@@ -132,6 +132,8 @@ def parse(argv: Sequence[str]) -> Command | None:
                 count = 0
                 while i + 1 + count < len(argv) and _is_list_value(name, argv[i + 1 + count]):
                     count += 1
+                if count == 0 and not argv[i + 1].startswith("-"):
+                    count = 1  # a wrong value (--workers-per-host two): tyro says what is wrong with it
                 values = list(argv[i + 1 : i + 1 + count])
             else:
                 values = [argv[i + 1]]
@@ -281,6 +283,9 @@ def _run(launcher: Launcher, command: Command) -> int:
         print(f"torchrunx: {where} {what}", file=sys.stderr)
         return _exit_code(e.how)
     except Exception as e:
+        if (code := _signal_exit_code(getattr(e, "signal", None))) is not None:  # the run was stopped by a signal
+            print(f"torchrunx: {e}", file=sys.stderr)
+            return code
         # The worker's traceback is attached as a note (Python >= 3.11) or as the cause.
         text = "".join(traceback.format_exception_only(type(e), e))
         if sys.version_info < (3, 11) and e.__cause__ is not None:
@@ -297,11 +302,16 @@ def _exit_code(how: str) -> int:
         code = int(match.group(1))
         return code if 0 < code < 256 else 1
     if match := re.fullmatch(r"killed by signal (\w+)", how):
-        try:
-            return 128 + signal.Signals[match.group(1)].value
-        except KeyError:
-            pass
+        return _signal_exit_code(match.group(1)) or 1
     return 1
+
+
+def _signal_exit_code(name: object) -> int | None:
+    """128 + the number of the signal called `name` (e.g. "SIGTERM"), as a shell reports it."""
+    try:
+        return 128 + signal.Signals[name].value if isinstance(name, str) else None
+    except KeyError:
+        return None
 
 
 def _usage_error(message: str) -> int:

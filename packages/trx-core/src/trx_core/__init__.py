@@ -6,7 +6,14 @@ interfaces other packages implement: node executors (`NodeExecutor`) and log pip
 """
 
 from .discovery import HostDiscovery
-from .errors import AgentFailedError, ConfigurationError, WorkerError, WorkerFailedError, WorkerHungError
+from .errors import (
+    AgentFailedError,
+    ConfigurationError,
+    RunInterrupted,
+    WorkerError,
+    WorkerFailedError,
+    WorkerHungError,
+)
 from .executor import AgentProcess, AgentSpec, ExecutorSettings, NodeExecutor, available_executors, register_executor
 from .launcher import DEFAULT_ENV_VARS, Launcher, launch
 from .logs import ConsolePipeline, LogPipeline, LogRecord, LogSettings, RunInfo, log_level_from_env
@@ -28,6 +35,7 @@ __all__ = [
     "LogSettings",
     "NodeExecutor",
     "RunInfo",
+    "RunInterrupted",
     "WorkerError",
     "WorkerFailedError",
     "WorkerHungError",

@@ -1,8 +1,10 @@
 """The agent's event loop: forks the host's workers and relays everything they say.
 
 Single-threaded and event-driven: one selector over the connection to the launcher, the
-workers' control sockets and output pipes, and a wake-up pipe for SIGCHLD. The messages are
-those of `trx_core.protocol`. `trx_core.agent` starts it once the agent is connected.
+workers' control sockets and output pipes, and a wake-up pipe for signals (SIGCHLD, and SIGUSR1
+or SIGUSR2 sent to the agent itself, which go on to its workers as a `Signal` from the launcher
+does). The messages are those of `trx_core.protocol`. `trx_core.agent` starts it once the agent
+is connected.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ import os
 import selectors
 import signal
 import time
+from collections.abc import Iterator
 
 from . import processes
 from ._lines import LineSplitter
@@ -25,6 +28,7 @@ from .protocol import (
     LogLine,
     Logs,
     ReportProgress,
+    Signal,
     StartWorkers,
     Stop,
     WorkerExited,
@@ -37,6 +41,11 @@ __all__ = ["AgentLoop"]
 
 _READ_SIZE = 1 << 16
 _MAX_DRAIN_READS = 256  # 16 MiB
+# Sent to the agent itself, they go on to its workers: SLURM signals every step of a job with
+# `sbatch --signal=USR1@60` or `scancel --signal=USR1`, and with the srun executor an agent is a
+# step. (SIGTERM stays the agent's own: it stops the agent, see trx_core.agent.)
+_PASSED_ON = (signal.SIGUSR1, signal.SIGUSR2)
+_fork_hook_registered = False
 
 
 class AgentLoop:
@@ -47,6 +56,7 @@ class AgentLoop:
         self.heartbeat_timeout = heartbeat_timeout
         self.selector = selectors.DefaultSelector()
         self.workers: dict[int, ForkedWorker] = {}  # by pid
+        self.ended: set[int] = set()  # pids of workers reaped
         self.splitters: dict[int, LineSplitter] = {}  # by pipe fd
         self.pending_logs: list[LogLine] = []
         wake_r, self._wake_w = os.pipe()
@@ -60,7 +70,13 @@ class AgentLoop:
     def serve(self) -> str:
         """Follow events until the run ends; return why the agent stopped ("" when asked to)."""
         signal.signal(signal.SIGCHLD, lambda *_: None)
+        for passed_on in _PASSED_ON:
+            signal.signal(passed_on, lambda *_: None)  # the wake-up pipe says which one came
         signal.set_wakeup_fd(self._wake_w, warn_on_full_buffer=False)
+        global _fork_hook_registered
+        if not _fork_hook_registered:
+            os.register_at_fork(after_in_child=_unblock_passed_on)
+            _fork_hook_registered = True
         while True:
             for key, _ in self.selector.select(HEARTBEAT_S):
                 if self.selector.get_map().get(key.fileobj) is not key:
@@ -71,7 +87,8 @@ class AgentLoop:
                     if reason is not None:
                         return reason
                 elif kind == "wake":
-                    self._drain_wakeups()
+                    for signum in self._drain_wakeups():
+                        self._signal_workers(signum, "the agent")
                     self._reap()
                 elif kind == "control":
                     self._from_worker_control(who)
@@ -98,13 +115,29 @@ class AgentLoop:
                 for worker in self.workers.values():
                     with contextlib.suppress(ChannelClosed, OSError):
                         worker.control.send(ReportProgress())
+            case Signal(signum):
+                self._signal_workers(signum, "the launcher")
             case Stop():
                 return ""
         return None
 
+    def _signal_workers(self, signum: int, receiver: str) -> None:
+        """Send `signum` to every worker still running (the worker, not its children: a data
+        loader's process has no use for a checkpoint request, and would die of one it does not
+        handle)."""
+        running = [w for pid, w in self.workers.items() if pid not in self.ended]
+        if not running:
+            return
+        ranks = ", ".join(str(w.spec.rank) for w in running)
+        self._agent_log(f"{receiver} received {processes.signal_name(signum)}: sent on to worker rank(s) {ranks}")
+        for worker in running:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(worker.pid, signum)
+
     def _start_workers(self, specs: tuple[WorkerSpec, ...], payload: bytearray) -> None:
         for spec in specs:
-            worker = fork_worker(spec, payload)
+            with _passed_on_signals_default():
+                worker = fork_worker(spec, payload)
             self.workers[worker.pid] = worker
             self.selector.register(worker.control.fileno(), selectors.EVENT_READ, ("control", worker))
             for fd, stream in ((worker.stdout, "stdout"), (worker.stderr, "stderr")):
@@ -141,18 +174,20 @@ class AgentLoop:
             del self.splitters[fd]
         return True
 
-    def _drain_wakeups(self) -> None:
-        try:
-            while os.read(self._wake_r, 4096):
-                pass
-        except BlockingIOError:
-            pass
+    def _drain_wakeups(self) -> list[int]:
+        """The signals to pass on that arrived since last time (the pipe holds one byte per signal)."""
+        data = b""
+        with contextlib.suppress(BlockingIOError):
+            while chunk := os.read(self._wake_r, 4096):
+                data += chunk
+        return [signum for signum in dict.fromkeys(data) if signum in _PASSED_ON]
 
     def _reap(self) -> None:
         for pid, status in processes.reap_children().items():
             worker = self.workers.get(pid)
             if worker is None:
                 continue  # an orphaned grandchild, re-parented to us
+            self.ended.add(pid)
             self._drain_worker(worker)
             how = processes.describe_wait_status(status)
             spec = worker.spec
@@ -222,3 +257,23 @@ class AgentLoop:
         self.selector.close()
         for fd in (self._wake_r, self._wake_w):
             os.close(fd)
+
+
+@contextlib.contextmanager
+def _passed_on_signals_default() -> Iterator[None]:
+    """Fork a worker with SIGUSR1 and SIGUSR2 at their default action, as in any fresh process:
+    a worker without handlers of its own must die of them, not run the agent's. They are blocked
+    meanwhile, so one that comes in between reaches the agent's handler afterwards."""
+    signal.pthread_sigmask(signal.SIG_BLOCK, _PASSED_ON)
+    previous = {signum: signal.signal(signum, signal.SIG_DFL) for signum in _PASSED_ON}
+    try:
+        yield
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, _PASSED_ON)
+
+
+def _unblock_passed_on() -> None:
+    """In a forked worker: the signals blocked around the fork are its to receive."""
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, _PASSED_ON)

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
+
+from .results import LaunchResult
 
 __all__ = [
     "AgentFailedError",
@@ -11,6 +14,7 @@ __all__ = [
     "WorkerError",
     "WorkerFailedError",
     "Failure",
+    "RunInterrupted",
     "attach_remote_traceback",
     "combine_failures",
 ]
@@ -120,3 +124,27 @@ def add_note(exc: BaseException, note: str) -> None:
     """`exc.add_note(note)` where Python has it (3.11+)."""
     if hasattr(exc, "add_note"):
         exc.add_note(note)
+
+
+class RunInterrupted(RuntimeError):
+    """The launcher received SIGTERM, SIGUSR1 or SIGUSR2 while the run was in progress.
+
+    The signal was sent on to every worker still running (so that, e.g., a training loop can
+    save a checkpoint), and the run was stopped once every worker had ended, or after
+    `Launcher.signal_grace` seconds. This is raised even when every worker returned in
+    time: the run was cut short from outside, whether or not the function noticed. Raised
+    only when `Launcher.run` is called from the main thread (the only one where Python can
+    handle signals).
+
+    `signal` is the name of the first signal (e.g. ``"SIGUSR1"``), `signals` the names of all
+    that arrived, in order. `results` holds the return values (as `Launcher.run` would have
+    returned them) when every rank returned one, else None. When workers failed after the
+    signal (e.g. killed by it), their combined error is the ``__cause__``.
+    """
+
+    def __init__(self, signals: Sequence[str], detail: str, results: LaunchResult | None = None) -> None:
+        self.signals = list(signals)
+        self.signal = self.signals[0]
+        self.results = results
+        also = f" (then {', '.join(self.signals[1:])})" if len(self.signals) > 1 else ""
+        super().__init__(f"the run was interrupted by {self.signal}{also}: {detail}")

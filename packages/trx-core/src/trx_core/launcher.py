@@ -110,8 +110,15 @@ class Launcher:
     hears nothing from the launcher for as long stops its workers. Heartbeats go every second."""
 
     executor: str = "auto"
-    """How agents are started: "auto" (local for this machine, SSH otherwise), "local", "ssh",
-    or the name of an installed executor plugin."""
+    """How agents are started: "auto" (inside a SLURM job: job steps on the job's nodes; local for
+    this machine, SSH otherwise), "local", "ssh", "slurm" (job steps), or the name of an installed
+    executor plugin."""
+
+    signal_grace: float = 30.0
+    """Seconds the workers get to end after the launcher sent on to them a SIGTERM, SIGUSR1 or
+    SIGUSR2 it received (e.g. a SLURM preemption warning: time to save a checkpoint); then the
+    run is stopped. Either way the launcher raises RunInterrupted. Only when run is called from
+    the main thread."""
 
     def run(
         self,
@@ -169,6 +176,12 @@ class Launcher:
                 f"heartbeat_timeout must be at least 3 seconds (heartbeats go every second), "
                 f"got {self.heartbeat_timeout!r}"
             )
+        if (
+            not isinstance(self.signal_grace, (int, float))
+            or isinstance(self.signal_grace, bool)
+            or not 0 <= self.signal_grace < float("inf")
+        ):
+            raise ConfigurationError(f"signal_grace must be a number of seconds, 0 or more, got {self.signal_grace!r}")
         if self.extra_env_vars is not None and not (
             isinstance(self.extra_env_vars, Mapping)
             and all(

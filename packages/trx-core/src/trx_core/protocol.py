@@ -32,6 +32,7 @@ __all__ = [
     "Message",
     "Ready",
     "ReportProgress",
+    "Signal",
     "StartWorkers",
     "Stop",
     "WorkerExited",
@@ -86,6 +87,14 @@ class StartWorkers:
 @dataclass(frozen=True)
 class DumpStacks:
     """A rank looks hung: every worker writes its stack to its log and reports how long it is stuck."""
+
+
+@dataclass(frozen=True)
+class Signal:
+    """The launcher received this signal (SIGTERM, SIGUSR1, SIGUSR2): send it to every worker still
+    running, e.g. so that a training loop can save a checkpoint before the run is stopped."""
+
+    signum: int
 
 
 @dataclass(frozen=True)
@@ -196,6 +205,7 @@ class ReportProgress:
 Message = (
     StartWorkers
     | DumpStacks
+    | Signal
     | Stop
     | Beat
     | Hello
@@ -211,7 +221,7 @@ Message = (
     | ReportProgress
 )
 
-LAUNCHER_TO_AGENT: tuple[type, ...] = (StartWorkers, DumpStacks, Stop, Beat)
+LAUNCHER_TO_AGENT: tuple[type, ...] = (StartWorkers, DumpStacks, Signal, Stop, Beat)
 AGENT_TO_LAUNCHER: tuple[type, ...] = (
     Hello,
     Ready,

@@ -56,6 +56,7 @@ def execute(
         env_file=env_file,
         python=sys.executable,
         cwd=os.getcwd(),
+        signal_grace=launcher.signal_grace,
         worker=plan.WorkerSettings(
             run_id=run_id,
             backend=launcher.backend,

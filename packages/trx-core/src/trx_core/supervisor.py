@@ -10,27 +10,40 @@ agent asked to stop, waiting for them to go) and DONE. Use it as a context manag
 
 `close()` (also on leaving the ``with`` block) stops every agent and releases every socket,
 whatever the phase. Everything happens in one selector loop in the caller's thread.
+
+Signals: from `start()` to `close()`, in the main thread only (where Python runs signal
+handlers), SIGTERM, SIGUSR1 and SIGUSR2 sent to this process are caught. One that arrives
+while workers run is sent on to every worker (`Signal`), and the run is stopped when they have
+all ended or after `RunSettings.signal_grace` seconds, raising `RunInterrupted`; before the
+workers start, it stops the run at once. One that arrives once the run's outcome is known
+(every rank ended, or a failure is being reported) is delivered again after `close()`, to the
+handler the program had before. SIGINT is left alone: Ctrl-C raises KeyboardInterrupt, and
+`close()` stops everything.
 """
 
 from __future__ import annotations
 
 import contextlib
 import enum
+import os
 import secrets
 import selectors
+import signal
+import threading
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import datetime
-from types import TracebackType
-from typing import TypeVar
+from types import FrameType, TracebackType
+from typing import Any, TypeVar
 
-from . import _pickling, plan
+from . import _pickling, plan, processes
 from .channel import HEARTBEAT_S, Channel, ChannelClosed
 from .errors import (
     AgentFailedError,
     Failure,
+    RunInterrupted,
     WorkerError,
     WorkerFailedError,
     WorkerHungError,
@@ -49,6 +62,7 @@ from .protocol import (
     Hello,
     Logs,
     Ready,
+    Signal,
     StartWorkers,
     Stop,
     WorkerExited,
@@ -63,6 +77,11 @@ __all__ = ["Phase", "RunSettings", "Supervisor"]
 _STOP_GRACE_S = 3.0
 _GATHER_S = 0.05
 _HANG_GATHER_S = 1.0
+# Sent on to the workers; SIGINT is not: Ctrl-C stops the run at once (KeyboardInterrupt).
+FORWARDED_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2)
+
+
+_Handler = Callable[[int, FrameType | None], Any] | int | None
 
 
 class Phase(enum.Enum):
@@ -89,6 +108,8 @@ class RunSettings:
     python: str
     cwd: str
     worker: plan.WorkerSettings
+    signal_grace: float = 30.0
+    """Seconds the workers get, after a signal was sent on to them, before the run is stopped."""
 
 
 @dataclass
@@ -135,7 +156,12 @@ class Supervisor:
         self.deadline = 0.0  # of the current phase: agents started / agents gone
         self.stop_at: float | None = None  # when to stop all agents, once something failed
         self.hang_at: float | None = None  # when to fail the run as hung
+        self.signals: list[int] = []  # received while the run was in progress, in order
+        self.forwarded = False  # whether it was sent on to the workers
         self._pipeline_open = False
+        self._signal_pipe: tuple[int, int] | None = None  # written by the signal handler: (read, write)
+        self._previous_handlers: dict[int, _Handler] = {}
+        self._redeliver: list[int] = []  # arrived once the outcome was known: the previous handler's
 
     def __enter__(self) -> Supervisor:
         return self
@@ -146,6 +172,7 @@ class Supervisor:
     # -- lifecycle --------------------------------------------------------------------
     def start(self) -> None:
         """Open the gate and start every agent (in parallel); raise if one cannot be started."""
+        self._catch_signals()
         loopback = all(plan.is_loopback(a.launcher_address) for a in self.agents)
         self.gate = AgentGate(self.selector, "127.0.0.1" if loopback else "", self.secret)
         store = plan.store_bind_address([a.launcher_address for a in self.agents])
@@ -188,7 +215,11 @@ class Supervisor:
     def wait(self) -> LaunchResult:
         """Follow the run until every rank returned, or until it failed (then raise)."""
         while self.phase is not Phase.DONE:
-            for key, _ in self.selector.select(self._next_timeout()):
+            events = self.selector.select(self._next_timeout())
+            # Signals first: they explain what may come with them (SLURM ends a job's steps with
+            # the SIGTERM it sends the launcher, so an agent may be gone in the same batch).
+            self._on_signals()
+            for key, _ in events:
                 if self.selector.get_map().get(key.fileobj) is not key:
                     continue  # closed while an earlier event of this batch was handled
                 kind, agent = key.data
@@ -201,6 +232,7 @@ class Supervisor:
                     if arrival is not None:
                         self._welcome(arrival)
             self._tick(time.monotonic())
+        self._raise_if_interrupted()
         if self.failures:
             raise combine_failures(self.failures)
         return LaunchResult({r: _pickling.loads(b) for r, b in self.results.items()}, self.placement)
@@ -217,13 +249,16 @@ class Supervisor:
                 if agent.channel is not None:
                     agent.channel.close()
         finally:
-            if self.gate is not None:
-                self.gate.close()
-            self.selector.close()
-            if self._pipeline_open:
-                self._pipeline_open = False
-                self.pipeline.close()
-            self.phase = Phase.DONE
+            try:
+                if self.gate is not None:
+                    self.gate.close()
+                self.selector.close()
+                if self._pipeline_open:
+                    self._pipeline_open = False
+                    self.pipeline.close()
+                self.phase = Phase.DONE
+            finally:
+                self._release_signals()
 
     # -- time -------------------------------------------------------------------------
     def _next_timeout(self) -> float:
@@ -257,6 +292,8 @@ class Supervisor:
             self._stop_all()  # every rank has ended
         if self.stop_at is not None and now >= self.stop_at:
             self._stop_all()
+        if self.forwarded and self.phase is Phase.RUNNING and not self._ranks_running():
+            self._stop_all()  # every rank ended, or lost its agent, within the grace period
 
     def _heartbeat(self, now: float) -> None:
         """Tell every agent we are here; declare lost an agent we have not heard from."""
@@ -395,6 +432,105 @@ class Supervisor:
             error = AgentFailedError(agent.hostname, reason or "it exited")
             self._fail(error, str(error))
         agent.finished = True
+
+    # -- signals ----------------------------------------------------------------------
+    def _catch_signals(self) -> None:
+        """Catch the forwarded signals until `close()` (main thread only: Python runs signal
+        handlers there, and `signal.signal` refuses any other thread)."""
+        if threading.current_thread() is not threading.main_thread() or self._signal_pipe is not None:
+            return
+        read_end, write_end = os.pipe()
+        for fd in (read_end, write_end):
+            os.set_blocking(fd, False)
+        self._signal_pipe = (read_end, write_end)
+        self.selector.register(read_end, selectors.EVENT_READ, ("signal", None))
+
+        def note(signum: int, frame: object) -> None:
+            # Only the self-pipe trick here: the selector loop does the work.
+            with contextlib.suppress(OSError):
+                os.write(write_end, bytes((signum,)))
+
+        for signum in FORWARDED_SIGNALS:
+            self._previous_handlers[signum] = signal.signal(signum, note)
+
+    def _read_signals(self) -> list[int]:
+        if self._signal_pipe is None:
+            return []
+        data = b""
+        with contextlib.suppress(BlockingIOError):
+            while chunk := os.read(self._signal_pipe[0], 256):
+                data += chunk
+        return list(data)
+
+    def _on_signals(self) -> None:
+        for signum in self._read_signals():
+            if not self.signals and (self.failures or self.phase in (Phase.STOPPING, Phase.DONE)):
+                # The outcome is known already: nothing to interrupt. The program's own handler
+                # (by default: the end of the process) gets the signal once the run is cleaned up.
+                self._redeliver.append(signum)
+                continue
+            self.signals.append(signum)
+            if self.phase is Phase.STARTING:
+                self._stop_all()  # no worker to warn yet
+            elif self.phase is Phase.RUNNING:
+                self.forwarded = True
+                for agent in self.agents:
+                    if agent.channel is not None and not agent.finished:
+                        self._send(agent, Signal(signum))
+                if self.stop_at is None:
+                    self.stop_at = time.monotonic() + self.settings.signal_grace
+
+    def _ranks_running(self) -> list[int]:
+        """Ranks that have not ended and whose agent is still there."""
+        return [rank for agent in self.agents if not agent.finished for rank in agent.ranks if rank not in self.exits]
+
+    def _raise_if_interrupted(self) -> None:
+        if not self.signals:
+            return
+        names = [processes.signal_name(s) for s in self.signals]
+        cause = combine_failures(self.failures) if self.failures else None
+        if not self.forwarded:
+            raise RunInterrupted(names, "the agents were still starting; the run was stopped at once") from cause
+        ranks = len(self.placement)
+        running = [rank for rank in range(ranks) if rank not in self.exits]  # stopped by us, or lost
+        results = None
+        if ranks and len(self.results) == ranks:
+            with contextlib.suppress(Exception):  # then the cause says what went wrong
+                results = LaunchResult({r: _pickling.loads(b) for r, b in self.results.items()}, self.placement)
+        grace = f"signal_grace={self.settings.signal_grace:g} s"
+        if running:
+            plural = "s" * (len(running) > 1)
+            how = f"the run was stopped after {grace}, with rank{plural} {', '.join(map(str, running))} still running"
+        else:
+            how = f"every worker ended within {grace}"
+        endings: dict[str, int] = {}
+        for rank in range(ranks):
+            if rank in self.results:
+                ending = "returned"
+            elif rank in self.exits:
+                ending = self.exits[rank]
+            else:
+                continue
+            endings[ending] = endings.get(ending, 0) + 1
+        summary = ", ".join(f"{count} {ending}" for ending, count in endings.items())
+        detail = f"it was sent on to every worker, and {how}" + (f" ({summary})" if summary else "")
+        raise RunInterrupted(names, detail, results) from cause
+
+    def _release_signals(self) -> None:
+        """Give the signals back to the program's handlers; deliver again what arrived once
+        the outcome was known, and what arrived after the run was followed."""
+        if self._signal_pipe is None:
+            return
+        late = self._redeliver + self._read_signals()
+        for signum, previous in self._previous_handlers.items():
+            # None: a handler set outside Python, which cannot be put back; the default is the nearest
+            signal.signal(signum, previous if previous is not None else signal.SIG_DFL)
+        self._previous_handlers.clear()
+        for fd in self._signal_pipe:
+            os.close(fd)
+        self._signal_pipe = None
+        for signum in dict.fromkeys(late):
+            signal.raise_signal(signum)
 
     # -- stopping ---------------------------------------------------------------------
     def _fail(self, exception: BaseException, summary: str) -> None:

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 import signal
 import subprocess
 import tempfile
+import threading
 from typing import TYPE_CHECKING
 
 from trx_core import AgentProcess, AgentSpec, ExecutorSettings
@@ -17,6 +19,8 @@ from .hosts import is_local_host
 
 if TYPE_CHECKING:
     from trx_core import NodeExecutor
+
+    from .srun import SrunExecutor
 
 __all__ = ["AutoExecutor", "LocalAgentProcess", "LocalExecutor"]
 
@@ -96,21 +100,42 @@ class LocalExecutor:
 
 
 class AutoExecutor:
-    """Local for this machine's own names and addresses, SSH for every other host."""
+    """Per host: local for this machine's own names and addresses; inside a SLURM job
+    (``SLURM_JOB_ID`` set and ``srun`` on PATH), a job step (`trx_remote.srun.SrunExecutor`) for
+    every other node of the job; SSH for every other host.
+
+    The launcher's own node is local even inside a job: the agent is then a child of the
+    launcher, so in the launcher's step (the batch script's, under sbatch), accounted to the
+    job and ended with it, without the cost of a step of its own.
+    """
 
     def __init__(self, settings: ExecutorSettings | None = None) -> None:
         self._settings = settings or ExecutorSettings()
         self._local = LocalExecutor(self._settings)
-        self._ssh: NodeExecutor | None = None  # built on first use: paramiko is imported only if needed
+        # Built on first use (paramiko is imported only if needed; the job's nodes are asked
+        # from the controller only for a host that is not this machine), from parallel start()s.
+        self._lock = threading.Lock()
+        self._ssh: NodeExecutor | None = None
+        self._srun: SrunExecutor | None = None
+        job = os.environ.get("SLURM_JOB_ID") or os.environ.get("SLURM_JOBID")
+        self._in_job = bool(job) and shutil.which("srun") is not None
 
     def _for(self, hostname: str) -> NodeExecutor:
         if is_local_host(hostname):
             return self._local
-        if self._ssh is None:
-            from .ssh import SSHExecutor
+        with self._lock:
+            if self._in_job:
+                if self._srun is None:
+                    from .srun import SrunExecutor
 
-            self._ssh = SSHExecutor(self._settings)
-        return self._ssh
+                    self._srun = SrunExecutor(self._settings)
+                if hostname in self._srun.nodes():
+                    return self._srun
+            if self._ssh is None:
+                from .ssh import SSHExecutor
+
+                self._ssh = SSHExecutor(self._settings)
+            return self._ssh
 
     def launcher_address(self, hostname: str) -> str:
         return self._for(hostname).launcher_address(hostname)

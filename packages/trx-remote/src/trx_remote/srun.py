@@ -29,10 +29,10 @@ import subprocess
 import tempfile
 import threading
 
-from trx_core import AgentFailedError, AgentSpec, ConfigurationError
+from trx_core import AgentFailedError, AgentSpec, ConfigurationError, ExecutorSettings
 
 from .addresses import AddressError, route_source_address
-from .command import agent_argv, describe_end
+from .command import agent_argv, describe_end, load_script
 
 __all__ = ["SrunAgentProcess", "SrunExecutor"]
 
@@ -48,9 +48,9 @@ _STOP_WAIT_S = 2.0  # after SIGTERM (the agent kills its workers, then exits), a
 _CLIENT_TIMEOUT_S = 15.0  # for scancel, squeue, scontrol
 _TAIL = 4000
 
+# The step's first words: its id after this marker (for `stop`, which cancels it by id).
 _STEP_MARKER = "torchrunx-step "
-# The step's first words: say its id (for `stop`, which cancels it by id), then become the agent.
-_STEP_SCRIPT = f'printf "{_STEP_MARKER}%s.%s\\n" "$SLURM_JOB_ID" "$SLURM_STEP_ID"\nexec "$@"\n'
+_STEP_SCRIPT = load_script("srun_step.sh")
 # Printed by srun when the cluster has no CPU-binding plugin: true, and harmless with --cpu-bind=none.
 _NOISE = ("srun: cluster configuration lacks support for cpu binding",)
 
@@ -69,8 +69,8 @@ def _job_id() -> str:
 class SrunExecutor:
     """Starts each agent as a one-task ``srun`` step of the current SLURM job, on its host."""
 
-    def __init__(self, settings: object = None) -> None:
-        # `settings` is accepted for the executor-factory interface; nothing in it applies here.
+    def __init__(self, settings: ExecutorSettings | None = None) -> None:
+        # `settings`, as every executor factory gets them: none applies to job steps.
         self.job_id = _job_id()
         srun = shutil.which("srun")
         if srun is None:

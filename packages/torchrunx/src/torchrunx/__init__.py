@@ -16,10 +16,13 @@ from trx_core import (
     Launcher,
     LaunchResult,
     LogRecord,
+    ResultUnpicklingError,
     RunInterrupted,
     WorkerError,
+    WorkerExitError,
     WorkerFailedError,
     WorkerHungError,
+    WorkerInterruptedError,
     launch,
 )
 from trx_logging import add_sink
@@ -34,10 +37,13 @@ __all__ = [
     "LaunchResult",
     "Launcher",
     "LogRecord",
+    "ResultUnpicklingError",
     "RunInterrupted",
     "WorkerError",
+    "WorkerExitError",
     "WorkerFailedError",
     "WorkerHungError",
+    "WorkerInterruptedError",
     "add_sink",
     "launch",
 ]

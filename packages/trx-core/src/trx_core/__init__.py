@@ -9,10 +9,13 @@ from .discovery import HostDiscovery
 from .errors import (
     AgentFailedError,
     ConfigurationError,
+    ResultUnpicklingError,
     RunInterrupted,
     WorkerError,
+    WorkerExitError,
     WorkerFailedError,
     WorkerHungError,
+    WorkerInterruptedError,
 )
 from .executor import AgentProcess, AgentSpec, ExecutorSettings, NodeExecutor, available_executors, register_executor
 from .launcher import DEFAULT_ENV_VARS, Launcher, launch
@@ -34,11 +37,14 @@ __all__ = [
     "LogRecord",
     "LogSettings",
     "NodeExecutor",
+    "ResultUnpicklingError",
     "RunInfo",
     "RunInterrupted",
     "WorkerError",
+    "WorkerExitError",
     "WorkerFailedError",
     "WorkerHungError",
+    "WorkerInterruptedError",
     "available_executors",
     "launch",
     "log_level_from_env",

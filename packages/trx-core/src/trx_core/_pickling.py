@@ -8,6 +8,10 @@ cloudpickle, with two changes:
 - The memory of plain CPU tensors travels out of band (pickle protocol 5): it is sent
   straight from the tensor and the receiving tensor is built over the received bytes, so a
   100 MB tensor is copied by neither pickling nor unpickling.
+- Exceptions are rebuilt without calling their class's ``__init__`` (`_rebuild_exception`):
+  pickle's default calls ``cls(*args)``, which fails, or garbles the message, for a class
+  whose ``__init__`` takes other arguments than those it passes on to ``Exception``. Their
+  ``__cause__`` and ``__context__`` travel with them (pickle's default drops both).
 
 `dumps` returns the parts of a blob (to be sent in order, never joined); `loads` takes the
 blob as received, in one piece.
@@ -25,7 +29,7 @@ from typing import Any
 
 import cloudpickle
 
-__all__ = ["dumps", "loads"]
+__all__ = ["dumps", "dumps_exception", "loads"]
 
 _code_reduce = getattr(getattr(cloudpickle, "cloudpickle", None), "_code_reduce", None)
 _COUNT = struct.Struct("!I")
@@ -68,19 +72,58 @@ class _OutOfBandStorage:
         return _rebuild_storage, (pickle.PickleBuffer(memory),)
 
 
+def _rebuild_exception(
+    cls: type[BaseException],
+    args: tuple[Any, ...],
+    state: dict[str, Any] | None,
+    cause: BaseException | None,
+    context: BaseException | None,
+    suppress_context: bool,
+) -> BaseException:
+    """An exception as it was, built without its class's own ``__init__``: only the nearest
+    built-in one runs (which sets ``args``, and the fields of e.g. `OSError`)."""
+    builtin = next(k for k in cls.__mro__ if k.__module__ == "builtins")
+    try:
+        exc = cls.__new__(cls, *args)
+    except Exception:  # a __new__ of the class's own, with arguments of its own
+        exc = builtin.__new__(cls, *args)
+    try:
+        builtin.__init__(exc, *args)  # type: ignore[misc]
+    except Exception:
+        exc.args = args
+    if state:
+        exc.__setstate__(state)
+    exc.__cause__, exc.__context__, exc.__suppress_context__ = cause, context, suppress_context
+    return exc
+
+
+def _has_builtin_reduce(cls: type) -> bool:
+    """Whether `cls` pickles as Python's own exceptions do (no ``__reduce__`` of its own)."""
+    for klass in cls.__mro__:
+        if "__reduce_ex__" in vars(klass) or "__reduce__" in vars(klass):
+            return klass.__module__ == "builtins"
+    return True
+
+
 class _Pickler(cloudpickle.Pickler):  # type: ignore[misc]
     if _code_reduce is not None:
         dispatch_table = ChainMap({types.CodeType: _code_reduce_keeping_filename}, cloudpickle.Pickler.dispatch_table)
 
-    def __init__(self, file: io.BytesIO, buffers: list[pickle.PickleBuffer]) -> None:
+    def __init__(self, file: io.BytesIO, buffers: list[pickle.PickleBuffer], chains: bool = True) -> None:
         super().__init__(file, protocol=5, buffer_callback=buffers.append)
         self.storages: dict[int, _OutOfBandStorage] = {}  # by data pointer
+        self.chains = chains  # whether exceptions keep their __cause__ and __context__
 
     def reducer_override(self, obj: Any) -> Any:
         if type(obj).__module__ == "torch" and type(obj).__name__ == "Tensor":
             storage = self._out_of_band_storage(obj)
             if storage is not None:
                 return _rebuild_tensor, (storage, obj.dtype, obj.storage_offset(), tuple(obj.shape), obj.stride())
+        elif isinstance(obj, BaseException) and _has_builtin_reduce(type(obj)):
+            reduced = obj.__reduce__()
+            state = reduced[2] if len(reduced) > 2 else None
+            chain = (obj.__cause__, obj.__context__) if self.chains else (None, None)
+            return _rebuild_exception, (type(obj), tuple(reduced[1]), state, *chain, obj.__suppress_context__)
         return super().reducer_override(obj)
 
     def _out_of_band_storage(self, tensor: Any) -> _OutOfBandStorage | None:
@@ -105,12 +148,12 @@ class _Pickler(cloudpickle.Pickler):  # type: ignore[misc]
         return self.storages[key]
 
 
-def dumps(obj: Any) -> list[memoryview]:
+def dumps(obj: Any, *, chains: bool = True) -> list[memoryview]:
     """Pickle `obj`; the parts of the blob, in order. They point into `obj`: send them before
-    changing it."""
+    changing it. `chains` False: exceptions travel without their ``__cause__`` and ``__context__``."""
     file = io.BytesIO()
     buffers: list[pickle.PickleBuffer] = []
-    pickler = _Pickler(file, buffers)
+    pickler = _Pickler(file, buffers, chains)
     pickler.dump(obj)
     main = file.getbuffer()
     raws = [b.raw() for b in buffers]
@@ -124,6 +167,17 @@ def dumps(obj: Any) -> list[memoryview]:
         parts.append(raw)
         position += padding + raw.nbytes
     return _Parts(parts, list(pickler.storages.values()))
+
+
+def dumps_exception(exc: BaseException) -> list[memoryview]:
+    """Pickle an exception with its chain of causes, or without it if some link of the chain
+    cannot be pickled; raise if the exception itself cannot be."""
+    try:
+        return dumps(exc)
+    except Exception:
+        if exc.__cause__ is None and exc.__context__ is None:
+            raise
+        return dumps(exc, chains=False)
 
 
 class _Parts(list):  # type: ignore[type-arg]

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 from .results import LaunchResult
@@ -17,6 +17,10 @@ __all__ = [
     "RunInterrupted",
     "attach_remote_traceback",
     "combine_failures",
+    "WorkerExitError",
+    "WorkerInterruptedError",
+    "ResultUnpicklingError",
+    "worker_exception",
 ]
 
 
@@ -148,3 +152,89 @@ class RunInterrupted(RuntimeError):
         self.results = results
         also = f" (then {', '.join(self.signals[1:])})" if len(self.signals) > 1 else ""
         super().__init__(f"the run was interrupted by {self.signal}{also}: {detail}")
+
+
+class WorkerExitError(WorkerFailedError):
+    """A worker called ``sys.exit()`` with a non-zero code or a message (it raised `SystemExit`).
+
+    A `WorkerFailedError` whose `how` is ``exit code N`` (the status Python exits with: the
+    code, or 1 for a message); `code` is what was passed to ``sys.exit()``. A message, which
+    Python prints when it exits, is in the worker's log and in this error's text.
+    ``sys.exit()``, ``sys.exit(0)`` and ``sys.exit(None)`` are no error: the rank returns None.
+    """
+
+    def __init__(self, hostname: str, local_rank: int, rank: int, code: object) -> None:
+        status = code if isinstance(code, int) else 1
+        super().__init__(hostname, local_rank, rank, f"exit code {status}")
+        self.code = code
+        said = f"sys.exit({code})" if isinstance(code, int) else f"sys.exit() with the message {str(code)!r}"
+        self.args = (f"worker rank {rank} (host {hostname!r}, local rank {local_rank}) called {said}: {self.how}",)
+
+
+class WorkerInterruptedError(RuntimeError):
+    """A worker raised `KeyboardInterrupt`: SIGINT reached that worker (e.g. ``kill -INT`` of
+    its process), or its code raised it.
+
+    A type of its own, so that ``except KeyboardInterrupt`` in the launcher's program only
+    catches the program's own Ctrl-C. `hostname`, `rank` and `local_rank` name the worker; its
+    traceback is attached as for any worker exception.
+    """
+
+    def __init__(self, hostname: str, local_rank: int, rank: int) -> None:
+        self.hostname = hostname
+        self.local_rank = local_rank
+        self.rank = rank
+        super().__init__(
+            f"worker rank {rank} (host {hostname!r}, local rank {local_rank}) was interrupted: it raised "
+            "KeyboardInterrupt (SIGINT sent to the worker's process?)"
+        )
+
+
+class ResultUnpicklingError(RuntimeError):
+    """Every rank returned, but the launcher cannot unpickle the return value of some ranks
+    (e.g. an object of a class that exists only where the workers run).
+
+    `errors` maps each of those ranks to the unpickling error, `placement` each rank to its
+    ``(hostname, local_rank)``, and `results` is a `LaunchResult` of the other ranks' return
+    values. The first rank's error is the ``__cause__``.
+    """
+
+    def __init__(self, errors: Mapping[int, BaseException], results: LaunchResult) -> None:
+        self.errors = dict(sorted(errors.items()))
+        self.ranks = list(self.errors)
+        self.results = results
+        self.placement = results.placement
+
+        def which(rank: int) -> str:
+            host, local_rank = self.placement[rank]
+            return f"rank {rank} (host {host!r}, local rank {local_rank})"
+
+        first = self.errors[self.ranks[0]]
+        others = f"; also {', '.join(which(r) for r in self.ranks[1:])}" if len(self.ranks) > 1 else ""
+        super().__init__(
+            f"the return value of {which(self.ranks[0])} cannot be unpickled in the launcher: "
+            f"{type(first).__name__}: {first}{others}. The other ranks' return values are in this error's "
+            "`results`; return objects whose classes the launcher can import (or plain types)"
+        )
+        self.__cause__ = first
+
+
+def worker_exception(
+    decoded: BaseException | None, type_name: str, message: str, problem: str, hostname: str, local_rank: int, rank: int
+) -> BaseException:
+    """The exception the launcher raises for one a worker raised.
+
+    `decoded` is the worker's exception as unpickled in the launcher (None if that failed, and
+    `problem` then says why). `SystemExit` becomes `WorkerExitError`, `KeyboardInterrupt`
+    `WorkerInterruptedError`; an exception that could not be carried over becomes a
+    `WorkerError` with its type's name and message.
+    """
+    if isinstance(decoded, SystemExit) or (decoded is None and type_name == "SystemExit"):
+        return WorkerExitError(hostname, local_rank, rank, decoded.code if decoded is not None else message)
+    if isinstance(decoded, KeyboardInterrupt) or (decoded is None and type_name == "KeyboardInterrupt"):
+        return WorkerInterruptedError(hostname, local_rank, rank)
+    if decoded is not None:
+        return decoded
+    error = WorkerError(type_name, message)
+    add_note(error, f"(the {type_name} itself was not carried over: {problem})")
+    return error

@@ -43,13 +43,15 @@ from .channel import HEARTBEAT_S, Channel, ChannelClosed
 from .errors import (
     AgentFailedError,
     Failure,
+    ResultUnpicklingError,
     RunInterrupted,
-    WorkerError,
+    WorkerExitError,
     WorkerFailedError,
     WorkerHungError,
     add_note,
     attach_remote_traceback,
     combine_failures,
+    worker_exception,
 )
 from .executor import AgentProcess, AgentSpec, NodeExecutor
 from .gate import AgentGate, Arrival
@@ -235,7 +237,15 @@ class Supervisor:
         self._raise_if_interrupted()
         if self.failures:
             raise combine_failures(self.failures)
-        return LaunchResult({r: _pickling.loads(b) for r, b in self.results.items()}, self.placement)
+        values, broken = {}, {}
+        for rank, blob in self.results.items():
+            try:
+                values[rank] = _pickling.loads(blob)
+            except Exception as e:  # e.g. a class that only the workers' hosts can import
+                broken[rank] = e
+        if broken:
+            raise ResultUnpicklingError(broken, LaunchResult(values, self.placement))
+        return LaunchResult(values, self.placement)
 
     def close(self) -> None:
         """Stop every agent and release every socket of the run. Safe to call at any point."""
@@ -381,13 +391,22 @@ class Supervisor:
 
     def _worker_raised(self, agent: _Agent, raised: WorkerRaised, blob: bytearray) -> None:
         rank = agent.ranks[raised.local_rank]
-        exception: BaseException
-        try:
-            exception = _pickling.loads(blob) if blob else WorkerError(raised.type_name, raised.message)
-        except Exception:
-            exception = WorkerError(raised.type_name, raised.message)
+        decoded: BaseException | None = None
+        problem = "it could not be pickled in the worker"
+        if blob:
+            try:
+                decoded = _pickling.loads(blob)
+            except Exception as e:
+                problem = f"it could not be unpickled in the launcher: {type(e).__name__}: {e}"
+        exception = worker_exception(
+            decoded, raised.type_name, raised.message, problem, agent.hostname, raised.local_rank, rank
+        )
         where = f"host {agent.hostname!r}, rank {rank} (local rank {raised.local_rank})"
         attach_remote_traceback(exception, where, raised.traceback)
+        if isinstance(exception, WorkerExitError):  # sys.exit(): the exit status is what ended it
+            self.exits.setdefault(rank, exception.how)
+            self._fail(exception, str(exception))
+            return
         self.exits.setdefault(rank, "raised an exception")
         self._fail(exception, f"rank {rank} on {agent.hostname!r} raised {raised.type_name}: {raised.message}")
 

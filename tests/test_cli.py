@@ -34,7 +34,7 @@ def test_an_unchanged_torchrun_script_runs_on_every_worker_and_sets_the_exit_cod
         f"rank 0/2 local_rank 0 argv ['--exit-code', '3'] loaded {SUM_OF_SQUARES} all_reduce {2 * SUM_OF_SQUARES}"
         in done.stdout
     )
-    assert "exited with code 3" in done.stderr
+    assert "sys.exit(3): exit code 3" in done.stderr
     (rank1_log,) = logs.glob("*_1.log")
     assert f"rank 1/2 local_rank 1 argv ['--exit-code', '3'] loaded {SUM_OF_SQUARES}" in rank1_log.read_text()
 

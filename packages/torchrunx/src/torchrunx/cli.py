@@ -222,10 +222,7 @@ def run_script(target: str, script_args: Sequence[str], module: bool = False) ->
     except SystemExit as e:
         if e.code is None or e.code == 0:
             return 0
-        if isinstance(e.code, int):
-            raise
-        print(e.code, file=sys.stderr, flush=True)  # as the interpreter does for sys.exit("message")
-        raise SystemExit(1) from None
+        raise  # the worker reports it (WorkerExitError) and the run stops the other workers
     return 0
 
 
@@ -278,9 +275,7 @@ def _run(launcher: Launcher, command: Command) -> int:
     except ConfigurationError as e:
         return _usage_error(str(e))
     except WorkerFailedError as e:
-        where = f"rank {e.rank} (host {e.hostname!r}, local rank {e.local_rank})"
-        what = f"exited with code {e.how.removeprefix('exit code ')}" if e.how.startswith("exit code") else e.how
-        print(f"torchrunx: {where} {what}", file=sys.stderr)
+        print(f"torchrunx: {e}", file=sys.stderr)
         return _exit_code(e.how)
     except Exception as e:
         if (code := _signal_exit_code(getattr(e, "signal", None))) is not None:  # the run was stopped by a signal

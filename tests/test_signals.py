@@ -326,4 +326,4 @@ def test_preemptible_example_saves_a_checkpoint_on_sigusr1_and_resumes_from_it(t
     second = subprocess.run(argv, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
     assert second.returncode == 0, second.stdout + second.stderr
     assert f"[localhost rank 0] resumed from step {saved}" in second.stdout
-    assert f"finished: step 100 (started at {saved})" in second.stdout
+    assert f"finished: step 100 (started at {saved}) on 2 workers" in second.stdout

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from slurmbed import SlurmCluster
+from slurmbed import ENDED, SlurmCluster
 
 import torchrunx as trx
 
@@ -63,6 +63,21 @@ def last_rank_kills_its_agent():
 def wait_forever(ready):
     Path(ready, os.environ["RANK"]).touch()
     time.sleep(300)
+
+
+def note_signals(ready):
+    """Note every SIGTERM, SIGUSR1 and SIGUSR2 in READY/RANK.got, and go on running."""
+    rank = os.environ["RANK"]
+    got = []
+    for signum in (signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2):
+        signal.signal(signum, lambda signum, frame: got.append(signal.Signals(signum).name))
+    Path(ready, rank).touch()
+    written = 0
+    while True:
+        if len(got) > written:
+            written = len(got)
+            Path(ready, f"{rank}.got").write_text(",".join(got))
+        time.sleep(0.02)
 
 
 def stop_steps(ready):
@@ -164,7 +179,7 @@ def executor_fields(cluster: SlurmCluster, executor: str) -> dict[str, Any]:
 
 # --------------------------------------------------------------------------- a run inside a job
 @pytest.mark.timeout(120)
-@pytest.mark.parametrize("executor", ["slurm", "ssh"])
+@pytest.mark.parametrize("executor", ["slurm", "ssh", "auto"])
 def test_sbatch_job_runs_four_ranks_on_both_nodes_with_an_all_reduce_across_them(
     cluster: SlurmCluster, tmp_path: Path, executor: str
 ) -> None:
@@ -187,6 +202,8 @@ def test_sbatch_job_runs_four_ranks_on_both_nodes_with_an_all_reduce_across_them
     steps = {w["step"] for w in workers}
     if executor == "slurm":  # each agent, and so its workers, ran in a job step of its own
         assert None not in steps and len(steps) == 2, steps
+    elif executor == "auto":  # this node's agent is the launcher's child (in the batch step), host2's a step
+        assert [w["step"] is None for w in workers] == [True, True, False, False], steps
     else:
         assert steps == {None}
 
@@ -269,11 +286,13 @@ def test_the_slurm_executor_without_srun_is_a_configuration_error(
 
 
 # --------------------------------------------------------------------------- the job ends under the run
-def start_waiting_job(cluster: SlurmCluster, tmp_path: Path, options: list[str], **fields: Any) -> int:
+def start_waiting_job(
+    cluster: SlurmCluster, tmp_path: Path, options: list[str], scenario: str = "wait_forever", **fields: Any
+) -> int:
     """Submit a job whose 4 workers wait forever; return its id once every worker runs."""
     ready = tmp_path / "ready"
     ready.mkdir()
-    body, _ = job_body(tmp_path, "wait_forever", func_kwargs={"ready": str(ready)}, **fields)
+    body, _ = job_body(tmp_path, scenario, func_kwargs={"ready": str(ready)}, **fields)
     job = cluster.submit(body, ["-N2", "--ntasks-per-node=2", *options])
     deadline = time.monotonic() + 60
     while len(list(ready.iterdir())) < 4:
@@ -303,3 +322,65 @@ def test_a_time_limit_hit_mid_run_leaves_no_process_on_either_node(cluster: Slur
     timed_out = time.monotonic()
     left = cluster.wait_no_leftovers(NO_LEFTOVERS_S)
     assert not left, f"left {time.monotonic() - timed_out:.1f} s after the time limit: {left}"
+
+
+# --------------------------------------------------------------------------- signals, preemption
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize(
+    ("name", "executor"),
+    [("SIGTERM", "auto"), ("SIGUSR1", "auto"), ("SIGUSR2", "auto"), ("SIGUSR1", "slurm"), ("SIGUSR1", "ssh")],
+)
+def test_a_signal_to_the_batch_launcher_reaches_every_worker_on_both_nodes_then_the_run_is_stopped(
+    cluster: SlurmCluster, tmp_path: Path, name: str, executor: str
+) -> None:
+    fields = executor_fields(cluster, executor) | {"signal_grace": 2}
+    job_id = start_waiting_job(cluster, tmp_path, [], scenario="note_signals", **fields)
+    # To the batch shell only, as `sbatch --signal=B:...` does; the job's script exec'd the launcher
+    signalled = cluster.run(["scancel", f"--signal={name.removeprefix('SIG')}", "--batch", str(job_id)])
+    assert signalled.returncode == 0, signalled.stderr
+    cluster.wait_job_state(job_id, ("", *ENDED), timeout=60)
+    ended = time.monotonic()
+    report = json.loads((tmp_path / "note_signals.json").read_text())
+    assert report.get("error") == "RunInterrupted", report
+    assert report["message"].startswith(f"the run was interrupted by {name}: it was sent on to every worker, and ")
+    assert "stopped after signal_grace=2 s, with ranks 0, 1, 2, 3 still running" in report["message"], report
+    got = {rank: (tmp_path / "ready" / f"{rank}.got").read_text() for rank in range(4)}
+    assert got == dict.fromkeys(range(4), name)  # once each: the launcher's, not also SLURM's
+    left = cluster.wait_no_leftovers(NO_LEFTOVERS_S)
+    assert not left, f"left {time.monotonic() - ended:.1f} s after the job ended: {left}"
+
+
+EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "preemptible.py"
+
+
+@pytest.mark.timeout(240)
+def test_preemptible_example_checkpoints_on_a_warning_and_the_requeued_job_resumes_from_it(
+    cluster: SlurmCluster, tmp_path: Path
+) -> None:
+    checkpoint = tmp_path / "ckpt.pt"
+    argv = [sys.executable, str(EXAMPLE), "--checkpoint", str(checkpoint), "--steps", "100", "--save-every", "1000"]
+    body = f"export TORCHRUNX_LOG_DIR={shlex.quote(str(tmp_path / 'logs'))}\nexec {shlex.join(argv)}"
+    # append: the requeued run writes after the first one
+    job = cluster.submit(body, ["-N2", "--ntasks-per-node=2", "--requeue", "--open-mode=append"])
+    deadline = time.monotonic() + 90
+    while "step 20 " not in job.output:
+        assert time.monotonic() < deadline, job.output
+        assert cluster.job_state(job.job_id) in ("PENDING", "CONFIGURING", "RUNNING"), job.output
+        time.sleep(0.1)
+    # The warning `sbatch --signal=B:USR1@<seconds>` would send before the time limit, sent now
+    assert cluster.run(["scancel", "--signal=USR1", "--batch", str(job.job_id)]).returncode == 0
+    # The script requeued its job; SLURM holds a requeued job back for a while (BeginTime): not here
+    deadline = time.monotonic() + 60
+    while "Restarts=1" not in (shown := cluster.run(["scontrol", "show", "job", str(job.job_id)]).stdout):
+        assert time.monotonic() < deadline, shown + job.output
+        time.sleep(0.1)
+    cluster.wait_job_state(job.job_id, ("PENDING",), timeout=30)
+    assert cluster.run(["scontrol", "update", f"JobId={job.job_id}", "StartTime=now"]).returncode == 0
+    assert cluster.wait_job_state(job.job_id, ("", *ENDED), timeout=120) in ("", "COMPLETED"), job.output
+    output = job.output
+    saved = int(output.split("interrupted by SIGUSR1: checkpoint at step ")[1].split()[0])
+    assert 20 <= saved < 100, output
+    assert f"[host1 rank 0] resumed from step {saved}" in output
+    assert f"finished: step 100 (started at {saved}) on 4 workers" in output
+    left = cluster.wait_no_leftovers(NO_LEFTOVERS_S)
+    assert not left, f"processes left on the nodes: {left}"

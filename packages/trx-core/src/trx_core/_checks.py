@@ -2,13 +2,27 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Mapping, Sequence
 from importlib.metadata import PackageNotFoundError, version
 from typing import Any
 
 from .errors import ConfigurationError
 
-__all__ = ["call_arguments", "check_numpy_torch_versions", "is_variable_name", "validate_workers_per_host"]
+__all__ = [
+    "call_arguments",
+    "check_environment_size",
+    "check_log_file_names",
+    "check_numpy_torch_versions",
+    "is_variable_name",
+    "validate_workers_per_host",
+]
+
+# Linux's bound on one NAME=VALUE string in the environment of a program it starts
+# (MAX_ARG_STRLEN: 32 pages of 4 KiB); execve() fails with "Argument list too long" beyond it.
+MAX_VARIABLE_BYTES = 32 * 4096
+# Room left under ARG_MAX for the agent's command line (its start script) and a login's variables.
+_COMMAND_LINE_ROOM = 64 * 1024
 
 
 def call_arguments(
@@ -98,3 +112,50 @@ def check_numpy_torch_versions(numpy_version: str | None = None, torch_version: 
 
 def is_variable_name(name: object) -> bool:
     return isinstance(name, str) and bool(name) and "=" not in name and "\0" not in name
+
+
+def check_environment_size(env: Mapping[str, str]) -> None:
+    """Refuse variables that no host could start the agent with, naming them: one over
+    `MAX_VARIABLE_BYTES`, or all together over this machine's ``ARG_MAX``."""
+    sizes = {name: len(os.fsencode(name)) + len(os.fsencode(value)) + 2 for name, value in env.items()}
+    advice = "pass large data as a function argument or in a file, and leave the variable out of env_vars"
+    for name, size in sizes.items():
+        if size > MAX_VARIABLE_BYTES:
+            raise ConfigurationError(
+                f"environment variable {name} is {size / 1024:.0f} KiB: Linux starts no program with a variable over "
+                f"{MAX_VARIABLE_BYTES // 1024} KiB (MAX_ARG_STRLEN), so no agent could start with it: {advice} "
+                "(and extra_env_vars)"
+            )
+    limit = os.sysconf("SC_ARG_MAX") - _COMMAND_LINE_ROOM
+    if sum(sizes.values()) > limit:
+        largest = sorted(sizes, key=sizes.__getitem__, reverse=True)[:3]
+        raise ConfigurationError(
+            f"the variables sent to every agent take {sum(sizes.values()) / 1024:.0f} KiB, over the "
+            f"{limit // 1024} KiB a program can be started with here (ARG_MAX); the largest are "
+            f"{', '.join(f'{n} ({sizes[n] / 1024:.0f} KiB)' for n in largest)}: {advice}"
+        )
+
+
+def check_log_file_names(hostnames: object, workers_per_host: object) -> None:
+    """Refuse hosts whose log files would have the same name: with hosts ``node`` and
+    ``node_0``, the file of the first's worker 0 is the second's agent file
+    (``<start>_node_0.log``). Checked here for the counts known before the agents start;
+    trx-logging checks again once every count is known."""
+    if not isinstance(hostnames, (list, tuple)):
+        return
+    if isinstance(workers_per_host, int):
+        counts: list[int] = [workers_per_host] * len(hostnames)
+    elif isinstance(workers_per_host, (list, tuple)):
+        counts = list(workers_per_host)
+    else:
+        counts = [1] * len(hostnames)  # "auto", "gpu", "cpu": at least one worker
+    names = set(hostnames)
+    for host, count in zip(hostnames, counts, strict=False):
+        for local_rank in range(count):
+            other = f"{host}_{local_rank}"
+            if other in names:
+                raise ConfigurationError(
+                    f"hosts {host!r} and {other!r} would write into the same log file (<start>_{other}.log: the "
+                    f"file of {host!r}'s worker {local_rank}, and {other!r}'s agent file): rename one of them "
+                    "(e.g. with a Host alias in the ssh config), or set logs=None"
+                )

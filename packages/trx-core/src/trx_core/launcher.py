@@ -10,7 +10,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from ._checks import call_arguments, check_numpy_torch_versions, validate_workers_per_host
+from ._checks import (
+    call_arguments,
+    check_environment_size,
+    check_log_file_names,
+    check_numpy_torch_versions,
+    validate_workers_per_host,
+)
 from .errors import ConfigurationError
 from .results import LaunchResult
 
@@ -194,6 +200,9 @@ class Launcher:
         if isinstance(self.env_vars, str):
             raise ConfigurationError(f"env_vars must be a tuple of patterns, not the string {self.env_vars!r}")
         check_numpy_torch_versions()
+        check_environment_size(self.matched_env())
+        if self.logs is not None:
+            check_log_file_names(self.hostnames, self.workers_per_host)
         for pattern in self.env_vars:
             if pattern not in DEFAULT_ENV_VARS and not any(fnmatch.fnmatchcase(k, pattern) for k in os.environ):
                 warnings.warn(

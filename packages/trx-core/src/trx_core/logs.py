@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -30,6 +31,7 @@ __all__ = [
     "RunInfo",
     "log_level_from_env",
     "resolve_log_pipeline",
+    "terminal_safe",
 ]
 
 LOG_LEVEL_VAR = "TORCHRUNX_LOG_LEVEL"
@@ -105,6 +107,23 @@ class LogPipeline(Protocol):
         ...
 
 
+_SGR = re.compile(r"\x1b\[[0-9;:]*m")  # colour and style: Select Graphic Rendition
+_CONTROL = re.compile(r"[\x00-\x08\x0a-\x1f\x7f-\x9f]")  # C0 but the tab, DEL, C1
+
+
+def terminal_safe(text: str) -> str:
+    """`text` as it may be shown on a terminal: control characters, and so every escape
+    sequence (cursor moves, screen clearing, window titles, clipboard writes...), are shown
+    escaped (``\\x1b]0;title\\x07``), except colour and style sequences (SGR, ``ESC[...m``),
+    which are kept and reset at the end of the line so that they colour nothing after it."""
+    parts = _SGR.split(text)
+    safe = [_CONTROL.sub(lambda m: repr(m[0])[1:-1], part) for part in parts]
+    if len(parts) == 1:
+        return safe[0]
+    sgrs = _SGR.findall(text)
+    return "".join(p + s for p, s in zip(safe, [*sgrs, ""], strict=True)) + "\x1b[0m"
+
+
 class ConsolePipeline:
     """Prints agent 0's records (the agent's messages and its local worker 0) to a stream."""
 
@@ -123,7 +142,7 @@ class ConsolePipeline:
         stream = self._stream or getattr(sys, self._console)
         if stream is None:  # no standard stream at all (e.g. started with `>&-`)
             return
-        stream.write(f"[{record.hostname} {who}] {record.message}\n")
+        stream.write(terminal_safe(f"[{record.hostname} {who}] {record.message}") + "\n")
         stream.flush()
 
     def close(self) -> None:

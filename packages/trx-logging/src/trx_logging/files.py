@@ -14,6 +14,8 @@ from collections.abc import Sequence
 from datetime import datetime, timedelta
 from pathlib import Path
 
+from trx_core import ConfigurationError
+
 __all__ = ["RunFiles"]
 
 FileKey = tuple[str, "int | None"]  # (hostname, local rank); None: the agent's file
@@ -42,6 +44,7 @@ class RunFiles:
         for host, count in zip(hostnames, workers_per_host, strict=True):
             keys.append((host, None))
             keys.extend((host, local_rank) for local_rank in range(count))
+        _refuse_shared_names(keys, suffix)
         for bump in range(_MAX_TRIES):
             stem = (start + timedelta(microseconds=bump)).isoformat(timespec="microseconds")
             fds = _create_all(folder, [(key, file_name(stem, *key, suffix)) for key in keys])
@@ -60,6 +63,10 @@ class RunFiles:
                 self._keys.append(key)
         return fd
 
+    def path(self, hostname: str, local_rank: int | None) -> Path:
+        """The path of one file of this run."""
+        return self.folder / file_name(self.stem, hostname, local_rank, self._suffix)
+
     def paths(self) -> list[Path]:
         """Every file of this run."""
         return [self.folder / file_name(self.stem, host, rank, self._suffix) for host, rank in self._keys]
@@ -74,6 +81,20 @@ def file_name(stem: str, hostname: str, local_rank: int | None, suffix: str) -> 
     """``<stem>_<hostname>[_<local rank>]<suffix>``, with path separators in the hostname replaced."""
     host = hostname.replace(os.sep, "_")
     return f"{stem}_{host}{suffix}" if local_rank is None else f"{stem}_{host}_{local_rank}{suffix}"
+
+
+def _refuse_shared_names(keys: list[FileKey], suffix: str) -> None:
+    """Two files of a run with one name (hosts ``node`` and ``node_0``: the first's worker 0 and
+    the second's agent) would mix two logs in one file: refused, naming the hosts."""
+    owners: dict[str, FileKey] = {}
+    for key in keys:
+        name = file_name("", *key, suffix)
+        other = owners.setdefault(name, key)
+        if other != key:
+            raise ConfigurationError(
+                f"hosts {other[0]!r} and {key[0]!r} would write into the same log file (*{name}): rename one of "
+                "them (e.g. with a Host alias in the ssh config), or set logs=None"
+            )
 
 
 def _create_all(folder: Path, named: list[tuple[FileKey, str]]) -> dict[FileKey, int] | None:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import os
 import sys
+import tempfile
 import traceback
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -75,18 +76,33 @@ class LogLayout:
         in_agent_log = record.local_rank is None or record.local_rank == 0
         if self._files is not None:
             line = (render(self._chain, event_dict(record)) + "\n").encode("utf-8", "backslashreplace")
-            _write(self._files.fd(record.hostname, record.local_rank), line)
+            self._write(record.hostname, record.local_rank, line)
             if record.local_rank == 0:
-                _write(self._files.fd(record.hostname, None), line)
+                self._write(record.hostname, None, line)
         if self._console is not None and in_agent_log and record.hostname == self._host0:
             stream = getattr(sys, self._console)
-            stream.write(render(CONSOLE_CHAIN, event_dict(record)) + "\n")
-            stream.flush()
+            if stream is not None:  # None: the program runs without it (`python x.py >&-`, some services)
+                stream.write(render(CONSOLE_CHAIN, event_dict(record)) + "\n")
+                stream.flush()
         for sink in self._sinks:
             try:
                 sink(record)
             except Exception:
                 self._drop_sink(sink)
+
+    def _write(self, hostname: str, local_rank: int | None, data: bytes) -> None:
+        assert self._files is not None
+        try:
+            _write(self._files.fd(hostname, local_rank), data)
+        except OSError as e:
+            # A full disk, a quota, a folder gone: the run stops rather than lose its logs unseen.
+            path = self._files.path(hostname, local_rank)
+            raise OSError(
+                e.errno,
+                f"{e.strerror}: cannot write the log file of the run {path} (the run was stopped; free space "
+                "there, or choose another folder with Launcher.logs)",
+                str(path),
+            ) from e
 
     def _drop_sink(self, sink: Callable[[LogRecord], object]) -> None:
         # Like a failing logging.Handler: said on stderr, and the run goes on (a broken metrics
@@ -114,14 +130,28 @@ def factory(settings: LogSettings) -> LogLayout:
     folder = Path(settings.folder).expanduser() if settings.folder is not None else None
     if folder is not None and folder.exists() and not folder.is_dir():
         raise ConfigurationError(f"logs={str(folder)!r} is not a folder: pass a folder, or None for no log files")
-    if folder is not None:
-        try:  # now, before any process starts, rather than when the first file is created
+    if folder is not None:  # now, before any process starts, rather than when the first file is created
+        try:
             folder.mkdir(parents=True, exist_ok=True)
         except OSError as e:
             raise ConfigurationError(f"cannot create the log folder logs={str(folder)!r}: {e}") from e
+        _check_writable(folder)
     return LogLayout(
         folder, console=console, file_format=file_format, level=log_level_from_env(), sinks=registered_sinks()
     )
+
+
+def _check_writable(folder: Path) -> None:
+    """Create and remove a file in `folder`: permissions, a read-only filesystem, a full disk..."""
+    try:
+        fd, probe = tempfile.mkstemp(prefix=".torchrunx-probe-", dir=folder)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as e:
+        raise ConfigurationError(
+            f"cannot write into the log folder logs={str(folder)!r}: {e.strerror}. Choose a folder this user can "
+            "write to, or logs=None for no log files"
+        ) from e
 
 
 def _write(fd: int, data: bytes) -> None:

@@ -17,6 +17,7 @@ from structlog.processors import EventRenamer, JSONRenderer
 from structlog.typing import EventDict, WrappedLogger
 
 from trx_core import LogRecord
+from trx_core.logs import terminal_safe
 
 __all__ = ["CONSOLE_CHAIN", "JSONL_CHAIN", "TEXT_CHAIN", "event_dict", "render"]
 
@@ -86,6 +87,12 @@ def console_prefix(logger: WrappedLogger, method: str, event: EventDict) -> Even
     return {"prefix": prefix, "event": event["event"]}
 
 
+def safe_for_terminal(logger: WrappedLogger, method: str, event: EventDict) -> EventDict:
+    """Every value shown as `trx_core.logs.terminal_safe` makes it: a worker's escape sequences
+    (window titles, clipboard writes, screen clearing) do not act on the launcher's terminal."""
+    return {key: terminal_safe(value) if isinstance(value, str) else value for key, value in event.items()}
+
+
 def _plain(width: int = 0) -> ColumnFormatter:
     def column(key: str, value: object) -> str:
         return f"{value!s:<{width}}"
@@ -118,6 +125,8 @@ JSONL_CHAIN: list[Processor] = [iso_time, level_name, EventRenamer("message"), J
 
 CONSOLE_CHAIN: list[Processor] = [
     console_prefix,
+    safe_for_terminal,
     ConsoleRenderer(columns=[Column("prefix", _plain()), Column("event", _plain()), Column("", _key_value)]),
 ]
-"""The launcher's console: ``[<host> rank <r>] <message>``."""
+"""The launcher's console: ``[<host> rank <r>] <message>``, escape sequences shown, not acted on
+(colours kept)."""

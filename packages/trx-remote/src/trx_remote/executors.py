@@ -11,10 +11,10 @@ import tempfile
 import threading
 from typing import TYPE_CHECKING
 
-from trx_core import AgentProcess, AgentSpec, ExecutorSettings
+from trx_core import AgentProcess, AgentSpec, ConfigurationError, ExecutorSettings
 from trx_core.processes import kill_session
 
-from .command import agent_argv, agent_mark, describe_end
+from .command import agent_argv, agent_mark, describe_end, load_script
 from .hosts import is_local_host
 
 if TYPE_CHECKING:
@@ -27,11 +27,18 @@ __all__ = ["AutoExecutor", "LocalAgentProcess", "LocalExecutor"]
 # Variables a login shell would have; everything else reaches the agent only through env_vars.
 _BASE_ENV = ("HOME", "USER", "LOGNAME", "SHELL", "LANG", "LANGUAGE", "LC_ALL", "LC_CTYPE", "TZ", "TMPDIR", "TERM")
 _STOP_WAIT_S = 2.0
+_REAPER_SCRIPT = load_script("local_reaper.sh")
 
 
 class LocalAgentProcess:
     """An agent running on this machine, in a session of its own, every process of it marked
-    (`trx_remote.command.AGENT_MARK_VAR`)."""
+    (`trx_remote.command.AGENT_MARK_VAR`).
+
+    Until the agent runs Python, a reaper (``scripts/local_reaper.sh``) waits next to it, and
+    kills every marked process if its stdin closes: when the launcher dies (the kernel closes
+    it), e.g. while the host's ``env_file`` still runs, or when `stop` closes it. From then on
+    the agent itself stops everything when the launcher goes.
+    """
 
     def __init__(self, spec: AgentSpec) -> None:
         env = {k: os.environ[k] for k in _BASE_ENV if k in os.environ}
@@ -40,6 +47,7 @@ class LocalAgentProcess:
         self._mark = agent_mark()
         env[self._mark[0]] = self._mark[1]
         self._python = spec.python
+        self._reaper = _start_reaper(self._mark)
         self._output = tempfile.TemporaryFile()  # noqa: SIM115 - closed in stop()
         self._popen = subprocess.Popen(
             agent_argv(spec),
@@ -50,6 +58,7 @@ class LocalAgentProcess:
             start_new_session=True,  # Ctrl-C in the launcher's terminal is the launcher's to handle
         )
         self._pidfd = os.pidfd_open(self._popen.pid)
+        _tell_reaper(self._reaper, f"{self._popen.pid}\n")
         assert self._popen.stdin is not None
         try:
             self._popen.stdin.write(spec.stdin)
@@ -77,10 +86,43 @@ class LocalAgentProcess:
         if kill_session(self._popen.pid, self._mark):
             kill_session(self._popen.pid, self._mark)
         self._popen.wait()
+        _stop_reaper(self._reaper)
         if self._pidfd >= 0:
             os.close(self._pidfd)
             self._pidfd = -1
         self._output.close()
+
+
+def _start_reaper(mark: tuple[str, str]) -> subprocess.Popen[bytes]:
+    # Its own session (Ctrl-C is the launcher's), the launcher's environment: not the mark,
+    # or it would kill itself.
+    reaper = subprocess.Popen(
+        ["bash", "-c", _REAPER_SCRIPT, "torchrunx-reaper"],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+    _tell_reaper(reaper, f"{mark[0]}={mark[1]}\n")
+    return reaper
+
+
+def _tell_reaper(reaper: subprocess.Popen[bytes], line: str) -> None:
+    assert reaper.stdin is not None
+    with contextlib.suppress(BrokenPipeError):  # it is gone already: the agent runs Python
+        reaper.stdin.write(line.encode())
+        reaper.stdin.flush()
+
+
+def _stop_reaper(reaper: subprocess.Popen[bytes]) -> None:
+    assert reaper.stdin is not None
+    with contextlib.suppress(BrokenPipeError):
+        reaper.stdin.close()  # if it still waits, its sweep finds nothing left by now
+    try:
+        reaper.wait(_STOP_WAIT_S)
+    except subprocess.TimeoutExpired:
+        reaper.kill()
+        reaper.wait()
 
 
 class LocalExecutor:
@@ -112,6 +154,8 @@ class AutoExecutor:
     def __init__(self, settings: ExecutorSettings | None = None) -> None:
         self._settings = settings or ExecutorSettings()
         self._local = LocalExecutor(self._settings)
+        self._local_name = ""  # the one hostname of this run that is this machine
+        self._local_lock = threading.Lock()
         # Built on first use (paramiko is imported only if needed; the job's nodes are asked
         # from the controller only for a host that is not this machine), from parallel start()s.
         self._lock = threading.Lock()
@@ -122,6 +166,7 @@ class AutoExecutor:
 
     def _for(self, hostname: str) -> NodeExecutor:
         if is_local_host(hostname):
+            self._one_name_for_this_machine(hostname)
             return self._local
         with self._lock:
             if self._in_job:
@@ -136,6 +181,18 @@ class AutoExecutor:
 
                 self._ssh = SSHExecutor(self._settings)
             return self._ssh
+
+    def _one_name_for_this_machine(self, hostname: str) -> None:
+        """Two names of this machine (``localhost`` and ``127.0.0.1``) would start two agents
+        here, whose workers have the same local ranks, so the same GPUs: refused."""
+        with self._local_lock:
+            first = self._local_name = self._local_name or hostname
+        if first != hostname:
+            raise ConfigurationError(
+                f"hostnames {first!r} and {hostname!r} both name this machine: two agents on one machine would "
+                "give their workers the same local ranks (and GPUs). List it once, with workers_per_host for more "
+                "workers; to run several agents on this machine on purpose, use executor='local'"
+            )
 
     def launcher_address(self, hostname: str) -> str:
         return self._for(hostname).launcher_address(hostname)

@@ -384,3 +384,31 @@ def test_preemptible_example_checkpoints_on_a_warning_and_the_requeued_job_resum
     assert f"finished: step 100 (started at {saved}) on 4 workers" in output
     left = cluster.wait_no_leftovers(NO_LEFTOVERS_S)
     assert not left, f"processes left on the nodes: {left}"
+
+
+def hostname_and_step() -> tuple[str, str | None]:
+    import socket
+
+    return socket.gethostname(), os.environ.get("SLURM_STEP_ID")
+
+
+@pytest.mark.timeout(120)
+def test_a_launcher_outside_the_allocation_starts_steps_in_the_job_named_by_slurm_job_id(
+    cluster: SlurmCluster, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    job = cluster.submit("sleep 300", ["-N2"])
+    try:
+        cluster.wait_job_state(job.job_id, ("RUNNING",), timeout=30)
+        monkeypatch.setenv("SLURM_CONF", str(cluster.conf))
+        monkeypatch.setenv("SLURM_JOB_ID", str(job.job_id))  # as a user on a login node would
+        results = trx.launch(
+            hostname_and_step, hostnames=cluster.nodes, workers_per_host=1, executor="slurm",
+            backend="gloo", logs=tmp_path / "logs",
+            # this machine does not resolve the bed's node names, as a login node would
+            launcher_address=cluster.hosts.launcher_address,
+        )  # fmt: skip
+        assert [host for host, _ in results.values()] == ["host1", "host2"]
+        assert None not in {step for _, step in results.values()}  # each in a step of that job
+    finally:
+        cluster.run(["scancel", str(job.job_id)])
+        cluster.wait_job_state(job.job_id, ("", *ENDED), timeout=30)

@@ -19,9 +19,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from slurmbed import ENDED, SlurmCluster
 
 import torchrunx as trx
+from slurmbed import ENDED, SlurmCluster
 
 pytestmark = pytest.mark.multihost
 

@@ -217,6 +217,21 @@ def _start_like_a_fresh_program() -> None:
     # that imported logging (registered first, so it runs last).
     atexit._clear()
     atexit.register(logging.shutdown)
+    sys.addaudithook(_note_files_opened_for_writing)
+
+
+_opened_for_writing: list[bool] = []  # non-empty once this worker opened a file it can write
+
+
+def _note_files_opened_for_writing(event: str, args: tuple[Any, ...]) -> None:
+    """An audit hook: the walk for open files at exit is only needed (and only paid for) in
+    a worker that opened a file for writing (``open``, ``os.open``, ``os.fdopen``, pipes...)."""
+    if event == "open" and not _opened_for_writing:
+        mode, flags = args[1], args[2]
+        if (isinstance(mode, str) and any(c in mode for c in "wax+")) or (
+            isinstance(flags, int) and flags & (os.O_WRONLY | os.O_RDWR)
+        ):
+            _opened_for_writing.append(True)
 
 
 def _report(control: _LockedChannel, spec: WorkerSpec, result: Any, raised: BaseException | None) -> int:
@@ -352,6 +367,8 @@ def _close_open_files() -> None:
     wrappers first: they hand their pending text to the buffered file below them). What was
     written without a ``close()`` or ``flush()`` reaches the file: buffered writers, text
     files, gzip files alike. The standard streams are only flushed."""
+    if not _opened_for_writing:
+        return
     keep = {id(s) for s in (sys.stdout, sys.stderr, sys.stdin, sys.__stdout__, sys.__stderr__, sys.__stdin__)}
     files = [o for o in gc.get_objects() if isinstance(o, _IOBase) and id(o) not in keep]
     files.sort(key=lambda f: not isinstance(f, io.TextIOBase))

@@ -38,7 +38,7 @@ def page_text(site: Path, page: str) -> str:
 def test_the_site_builds_with_warnings_as_errors_and_has_every_page(site: Path) -> None:
     pages = {p.stem for p in site.glob("*.html")}
     expected = {"index", "getting-started", "examples", "launching", "cli", "logs", "environment", "failures"}
-    expected |= {"multiple-machines", "executors", "embedding", "how-it-works", "api"}
+    expected |= {"multiple-machines", "executors", "embedding", "how-it-works", "api", "porting-from-torchrun"}
     assert expected <= pages
 
 

@@ -83,4 +83,4 @@ def test_the_meta_package_only_composes_and_re_exports() -> None:
     for name in torchrunx.__all__:
         assert getattr(torchrunx, name) in (getattr(trx_core, name, None), getattr(trx_logging, name, None))
     src = ROOT / "packages" / "torchrunx" / "src" / "torchrunx"
-    assert sorted(p.name for p in src.glob("*.py")) == ["__init__.py"]
+    assert sorted(p.name for p in src.glob("*.py")) == ["__init__.py", "__main__.py", "cli.py"]

@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import os
+import select
 import signal
 import socket
 import sys
@@ -40,8 +41,37 @@ class _Terminate(Exception):
     pass
 
 
+_launcher_gone = ""  # set by the launcher watch before it signals this process
+
+
 def _raise_terminate(signum: int, frame: Any) -> None:
-    raise _Terminate(f"the agent received {processes.signal_name(signum)}")
+    raise _Terminate(_launcher_gone or f"the agent received {processes.signal_name(signum)}")
+
+
+def _watch_launcher(identity: str | None) -> None:
+    """Stop at once if the launcher is our parent and it exits, even while another process
+    (a child the user's program forked) keeps our connection to it open.
+
+    `identity` is the launcher's ``PID:START_TIME``. It only counts if our parent is that very
+    process (the local executor's case); elsewhere heartbeats and the executor cover a lost launcher.
+    """
+    if not identity:
+        return
+    pid = os.getppid()
+    if identity != processes.identity(pid):
+        return
+    try:
+        pidfd = os.pidfd_open(pid)
+    except OSError:
+        return
+
+    def watch() -> None:
+        global _launcher_gone
+        select.select([pidfd], [], [])
+        _launcher_gone = f"the launcher (pid {pid}) exited"
+        os.kill(os.getpid(), signal.SIGHUP)
+
+    threading.Thread(target=watch, name="torchrunx-launcher-watch", daemon=True).start()
 
 
 def _parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -50,6 +80,7 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--host-index", type=int, required=True)
     parser.add_argument("--connect-timeout", type=float, default=15.0)  # a LAN connects in ms; a DROP firewall never
     parser.add_argument("--heartbeat-timeout", type=float, default=15.0)
+    parser.add_argument("--launcher-process", default=None, help="PID:START_TIME of the launcher")
     parser.add_argument(
         "--store-host",
         default=None,
@@ -94,9 +125,9 @@ def main(argv: list[str] | None = None) -> int:
     processes.become_subreaper()
     for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
         signal.signal(sig, _raise_terminate)
+    _watch_launcher(args.launcher_process)
     channel: Channel | None = None
     agent: AgentLoop | None = None
-    store: Any = None  # the rendezvous store, alive as long as this agent
     reason = ""
     try:
         channel = _connect(args, secret)
@@ -105,14 +136,14 @@ def main(argv: list[str] | None = None) -> int:
         channel.send(Hello(args.host_index, socket.gethostname(), os.getpid()))
         with _beating(channel):  # the launcher hears from us while torch loads (seconds, or minutes on NFS)
             gpus = _import_torch()
-            if args.store_host is not None:
+            hosts_store = args.store_host is not None
+            if hosts_store:
                 # "route": this host's address facing the launcher, which the other hosts reach too.
                 bind = channel.sock.getsockname()[0] if args.store_host == "route" else args.store_host
-                store = _start_store(bind)
-                port = int(store.port)
+                port = _fork_store(bind)
             else:
                 port = _free_port()
-        channel.send(Ready(gpus, len(os.sched_getaffinity(0)), port, store is not None))
+        channel.send(Ready(gpus, len(os.sched_getaffinity(0)), port, hosts_store))
         agent = AgentLoop(channel, args.heartbeat_timeout)
         reason = agent.serve()
     except _Terminate as e:
@@ -132,8 +163,7 @@ def main(argv: list[str] | None = None) -> int:
         elif channel is not None:
             with contextlib.suppress(ChannelClosed, OSError):
                 channel.send(AgentStopped(reason))
-        processes.kill_descendants()
-        store = None
+        processes.kill_descendants()  # the store's process too
     return 0
 
 
@@ -165,14 +195,57 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
+def _fork_store(host: str) -> int:
+    """Start the workers' rendezvous store in a process of its own (a child of this agent, which
+    kills it when it stops), as torchrun's agent hosts it; return its port.
+
+    Not in this process: the store's server runs threads, and a worker forked while one of them
+    holds a lock (of malloc, say) would hang before it ever reached the store.
+    """
+    read_end, write_end = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the store's process
+        try:
+            processes.die_with_parent(signal.SIGKILL)
+            for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+                signal.signal(sig, signal.SIG_DFL)
+            os.closerange(3, write_end)  # the launcher's connection above all: it is the agent's alone
+            os.closerange(write_end + 1, os.sysconf("SC_OPEN_MAX"))
+            store = _start_store(host)
+            os.write(write_end, str(store.port).encode())
+            os.close(write_end)
+            while True:
+                signal.pause()
+        finally:
+            os._exit(1)
+    os.close(write_end)
+    with os.fdopen(read_end, "rb") as f:
+        answer = f.read()
+    if not answer:
+        raise RuntimeError(f"the rendezvous store could not be started on {host}")
+    return int(answer)
+
+
 def _start_store(host: str) -> Any:
-    """The workers' rendezvous store, served by this agent (as torchrun's agent does)."""
+    """The rendezvous store, listening on `host` only: torch's own server would listen on every
+    interface, so it is handed a socket bound here."""
     from datetime import timedelta
 
     import torch.distributed as dist
 
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
     # Port 0: the kernel picks a free port, and the store keeps it for the whole run.
-    return dist.TCPStore(host, 0, None, True, timedelta(seconds=_STORE_TIMEOUT_S), wait_for_workers=False)  # type: ignore[attr-defined]
+    listener = socket.create_server((host, 0), family=family, backlog=1024)
+    port = listener.getsockname()[1]
+    reach = "127.0.0.1" if host == "0.0.0.0" else host  # where the store's own client connects
+    timeout = timedelta(seconds=_STORE_TIMEOUT_S)
+    try:
+        store = dist.TCPStore(  # type: ignore[attr-defined]
+            reach, port, None, True, timeout, wait_for_workers=False, master_listen_fd=listener.detach()
+        )
+    except TypeError:  # torch < 2.3 cannot take a socket: its server listens on every interface
+        store = dist.TCPStore(reach, 0, None, True, timeout, wait_for_workers=False)  # type: ignore[attr-defined]
+    return store
 
 
 def _import_torch() -> int:

@@ -19,6 +19,7 @@ import pickle
 import socket
 import struct
 import time
+from collections.abc import Callable
 
 from .protocol import Message
 
@@ -36,6 +37,7 @@ __all__ = [
 _PREFIX = struct.Struct("!QQ")  # header length, blob length
 _MAX_HEADER = 64 * 1024 * 1024
 _RELAY_CHUNK = 1 << 20
+_RECV_CHUNK = 1 << 20  # liveness is noted after each: a slow link carrying a big blob is not silence
 
 HEARTBEAT_S = 1.0
 """Launcher and agents send each other a heartbeat after this long without sending anything else."""
@@ -51,15 +53,17 @@ class AuthenticationFailed(ConnectionError):
     """The peer could not prove that it holds the run's secret."""
 
 
-def _recv_exactly(sock: socket.socket, size: int) -> bytearray:
+def _recv_exactly(sock: socket.socket, size: int, progress: Callable[[], None] | None = None) -> bytearray:
     buf = bytearray(size)
     view = memoryview(buf)
     got = 0
     while got < size:
-        n = sock.recv_into(view[got:], min(size - got, 16 * 1024 * 1024))
+        n = sock.recv_into(view[got:], min(size - got, _RECV_CHUNK))
         if n == 0:
             raise ChannelClosed("connection closed by peer")
         got += n
+        if progress is not None:
+            progress()
     return buf
 
 
@@ -106,6 +110,9 @@ class Channel:
     def fileno(self) -> int:
         return self.sock.fileno()
 
+    def _heard(self) -> None:
+        self.last_received = time.monotonic()
+
     def send(self, message: Message, *blob: bytes | bytearray | memoryview) -> None:
         """Send one frame. The blob may come in several parts (sent in order, never joined)."""
         self._send_head(message, sum(memoryview(part).nbytes for part in blob))
@@ -119,7 +126,7 @@ class Channel:
         """Receive one frame: its message and its blob."""
         message, blob_len = self.recv_header()
         try:
-            blob = _recv_exactly(self.sock, blob_len) if blob_len else bytearray()
+            blob = _recv_exactly(self.sock, blob_len, self._heard) if blob_len else bytearray()
         except ConnectionResetError as e:
             raise ChannelClosed(str(e)) from e
         return message, blob

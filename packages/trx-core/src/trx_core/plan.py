@@ -194,12 +194,20 @@ def store_bind_address(launcher_addresses: Sequence[str]) -> str:
 
 
 def agent_args(
-    launcher_host: str, port: int, index: int, heartbeat_timeout: float, store: str | None
+    launcher_host: str,
+    port: int,
+    index: int,
+    heartbeat_timeout: float,
+    store: str | None,
+    launcher_process: str | None = None,
 ) -> tuple[str, ...]:
-    """The arguments of ``python -m trx_core.agent`` for host `index`."""
+    """The arguments of ``python -m trx_core.agent`` for host `index`. `launcher_process`
+    (``PID:START_TIME``) lets an agent whose parent is the launcher stop the moment it exits."""
     host = f"[{launcher_host}]" if ":" in launcher_host else launcher_host
     args = ["-m", "trx_core.agent", "--launcher", f"{host}:{port}", "--host-index", str(index)]
     args += ["--heartbeat-timeout", str(heartbeat_timeout)]
+    if launcher_process is not None:
+        args += ["--launcher-process", launcher_process]
     if store is not None:
         args += ["--store-host", store]
     return tuple(args)

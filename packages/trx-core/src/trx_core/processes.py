@@ -110,6 +110,17 @@ def kill_session(sid: int | None, mark: tuple[str, str] | None = None) -> list[i
     return killed
 
 
+def identity(pid: int) -> str | None:
+    """``PID:START_TIME`` of a process: names it uniquely on this machine since boot (a pid alone
+    may be reused). None if there is no such process."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            start = f.read().rsplit(")", 1)[1].split()[19]  # field 22 of stat: start time in ticks
+    except (OSError, IndexError):
+        return None
+    return f"{pid}:{start}"
+
+
 def reap_children() -> dict[int, int]:
     """Reap every child that has exited; return their raw wait statuses by pid."""
     statuses: dict[int, int] = {}

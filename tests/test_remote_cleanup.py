@@ -51,7 +51,9 @@ def print_agent_mark() -> str:
 
 @pytest.mark.timeout(60)
 def test_every_local_agent_marks_its_workers_with_a_token_of_its_own(local: dict[str, object]) -> None:
-    results = trx.launch(print_agent_mark, hostnames=["localhost", "127.0.0.1"], workers_per_host=2, backend=None)
+    results = trx.launch(
+        print_agent_mark, hostnames=["localhost", "127.0.0.1"], workers_per_host=2, backend=None, executor="local"
+    )
     marks = [results[rank] for rank in range(4)]
     assert marks[0] == marks[1] != marks[2] == marks[3]
     assert all(len(mark) >= 16 for mark in marks)

@@ -15,7 +15,10 @@ while [ -n "$pid" ]; do
   read -r -t 0.1 _
   (($? > 128)) || break # a timeout, rather than the end of input
   mapfile -d '' -t words < "/proc/$pid/cmdline" 2>/dev/null
-  [ "${words[1]-} ${words[2]-}" = "-m trx_core.agent" ] && exit 0 # the agent runs: python -m trx_core.agent
+  # Until the agent runs Python, its process is `bash -c <agent.sh> ...` (an env_file that execs
+  # something else is the watcher's, in agent.sh). The module's name is not spelled out here, so
+  # that nobody looking for agents by their command line takes this reaper for one.
+  [ -n "${words[0]-}" ] && [ "${words[0]}" != bash ] && exit 0
 done
 for _ in 1 2; do
   grep -lzxF -- "$mark" /proc/[0-9]*/environ | while IFS= read -r file; do

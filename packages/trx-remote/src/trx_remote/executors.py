@@ -49,14 +49,19 @@ class LocalAgentProcess:
         self._python = spec.python
         self._reaper = _start_reaper(self._mark)
         self._output = tempfile.TemporaryFile()  # noqa: SIM115 - closed in stop()
-        self._popen = subprocess.Popen(
-            agent_argv(spec),
-            stdin=subprocess.PIPE,
-            stdout=self._output,
-            stderr=subprocess.STDOUT,
-            env=env,
-            start_new_session=True,  # Ctrl-C in the launcher's terminal is the launcher's to handle
-        )
+        try:
+            self._popen = subprocess.Popen(
+                agent_argv(spec),
+                stdin=subprocess.PIPE,
+                stdout=self._output,
+                stderr=subprocess.STDOUT,
+                env=env,
+                start_new_session=True,  # Ctrl-C in the launcher's terminal is the launcher's to handle
+            )
+        except BaseException:
+            _stop_reaper(self._reaper)
+            self._output.close()
+            raise
         self._pidfd = os.pidfd_open(self._popen.pid)
         _tell_reaper(self._reaper, f"{self._popen.pid}\n")
         assert self._popen.stdin is not None

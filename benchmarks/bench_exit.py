@@ -77,8 +77,9 @@ def measure(reps: int) -> dict[str, dict[str, list[float]]]:
         if record.stream == "agent" and (match := _ENDED.search(record.message)):
             ended[int(match[1])] = record.time
 
-    # hang_timeout: a worker forked while agent 0's store thread held glibc's resolver lock
-    # hangs at its first name lookup (see benchmarks/README.md); such a run is counted and redone.
+    # hang_timeout: before ad0b69d, a worker forked while agent 0's store thread held glibc's
+    # resolver lock hung at its first name lookup (see benchmarks/README.md); such a run is
+    # counted and redone.
     launcher = trx.Launcher(
         hostnames=["localhost"],
         workers_per_host=WORKERS,

@@ -225,6 +225,10 @@ class AgentLoop:
         self.pending_logs.extend(LogLine(now, local_rank, stream, logging.INFO, line, "") for line in lines)
 
     # -- output -----------------------------------------------------------------------
+    def log(self, message: str) -> None:
+        """A message of the agent itself, for its log (sent with the next batch of lines)."""
+        self._agent_log(message)
+
     def _agent_log(self, message: str, level: int = logging.INFO) -> None:
         self.pending_logs.append(LogLine(time.time(), None, "agent", level, message, ""))
 

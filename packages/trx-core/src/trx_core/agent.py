@@ -24,6 +24,7 @@ import signal
 import socket
 import sys
 import threading
+import time
 import traceback
 from collections.abc import Iterator
 from typing import Any
@@ -133,6 +134,7 @@ def main(argv: list[str] | None = None) -> int:
         channel = _connect(args, secret)
         if channel is None:
             return EXIT_NO_LAUNCHER
+        connected = time.time()
         channel.send(Hello(args.host_index, socket.gethostname(), os.getpid()))
         with _beating(channel):  # the launcher hears from us while torch loads (seconds, or minutes on NFS)
             gpus = _import_torch()
@@ -143,8 +145,13 @@ def main(argv: list[str] | None = None) -> int:
                 port = _fork_store(bind)
             else:
                 port = _free_port()
-        channel.send(Ready(gpus, len(os.sched_getaffinity(0)), port, hosts_store))
+        started = processes.started_at(os.getpid())
+        channel.send(Ready(gpus, len(os.sched_getaffinity(0)), port, hosts_store, started, connected))
         agent = AgentLoop(channel, args.heartbeat_timeout)
+        agent.log(
+            f"ready {time.time() - started:.2f} s after the agent started: connected to the launcher after "
+            f"{connected - started:.2f} s, then imported torch{' and started the rendezvous store' * hosts_store}"
+        )
         reason = agent.serve()
     except _Terminate as e:
         reason = str(e)

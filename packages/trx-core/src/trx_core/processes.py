@@ -121,6 +121,17 @@ def identity(pid: int) -> str | None:
     return f"{pid}:{start}"
 
 
+def started_at(pid: int) -> float:
+    """When process `pid` started, as ``time.time()`` (to a clock tick; 0.0 if unknown)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            ticks = int(f.read().rsplit(")", 1)[1].split()[19])  # since boot
+    except (OSError, ValueError, IndexError):
+        return 0.0
+    age = time.clock_gettime(time.CLOCK_BOOTTIME) - ticks / os.sysconf("SC_CLK_TCK")
+    return time.time() - age
+
+
 def reap_children() -> dict[int, int]:
     """Reap every child that has exited; return their raw wait statuses by pid."""
     statuses: dict[int, int] = {}

@@ -41,6 +41,7 @@ __all__ = [
     "WorkerResult",
     "WorkerSpec",
     "WorkerStalled",
+    "WorkerStarted",
     "message_table",
 ]
 
@@ -127,6 +128,10 @@ class Ready:
     port: int
     """The rendezvous store's port when this agent hosts it, else a port free on its host."""
     hosts_store: bool = False
+    started: float = 0.0
+    """When the agent's process started (``time.time()`` on its host)."""
+    connected: float = 0.0
+    """When it had connected to the launcher; it is ready now."""
 
 
 @dataclass(frozen=True)
@@ -187,6 +192,16 @@ class WorkerStalled:
 
 
 @dataclass(frozen=True)
+class WorkerStarted:
+    """The worker is about to call the function: when it was forked, and when its process group
+    was formed (``time.time()`` on its host). Relayed to the launcher."""
+
+    local_rank: int
+    forked: float
+    group_formed: float
+
+
+@dataclass(frozen=True)
 class WorkerLog:
     """A Python logging record of the worker (the agent batches these into `Logs`)."""
 
@@ -217,6 +232,7 @@ Message = (
     | WorkerResult
     | WorkerRaised
     | WorkerStalled
+    | WorkerStarted
     | WorkerLog
     | ReportProgress
 )
@@ -226,6 +242,7 @@ AGENT_TO_LAUNCHER: tuple[type, ...] = (
     Hello,
     Ready,
     Logs,
+    WorkerStarted,
     WorkerResult,
     WorkerRaised,
     WorkerStalled,
@@ -234,7 +251,7 @@ AGENT_TO_LAUNCHER: tuple[type, ...] = (
     AgentStopped,
     Beat,
 )
-WORKER_TO_AGENT: tuple[type, ...] = (WorkerResult, WorkerRaised, WorkerStalled, WorkerLog)
+WORKER_TO_AGENT: tuple[type, ...] = (WorkerStarted, WorkerResult, WorkerRaised, WorkerStalled, WorkerLog)
 AGENT_TO_WORKER: tuple[type, ...] = (ReportProgress,)
 
 

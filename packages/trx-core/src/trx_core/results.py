@@ -11,12 +11,21 @@ __all__ = ["LaunchResult"]
 class LaunchResult(Mapping[int, Any]):
     """Return values by global rank: ``results[0]``, ``dict(results)``, ``len(results)``.
 
-    ``placement[rank]`` is the ``(hostname, local_rank)`` where that rank ran.
+    ``placement[rank]`` is the ``(hostname, local_rank)`` where that rank ran. ``phases`` says
+    where the run's time went: seconds from the start of the run to the end of each phase of
+    its start-up (``agents started``, ``agents ready``, ``workers started``, ``group formed``:
+    every rank has its process group and calls the function) and to its end (``returned``).
     """
 
-    def __init__(self, values: Mapping[int, Any], placement: Sequence[tuple[str, int]]) -> None:
+    def __init__(
+        self,
+        values: Mapping[int, Any],
+        placement: Sequence[tuple[str, int]],
+        phases: Mapping[str, float] | None = None,
+    ) -> None:
         self._values = dict(values)
         self.placement: tuple[tuple[str, int], ...] = tuple(placement)
+        self.phases: dict[str, float] = dict(phases or {})
 
     def __getitem__(self, rank: int) -> Any:
         return self._values[rank]

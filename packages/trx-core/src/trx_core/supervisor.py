@@ -71,6 +71,7 @@ from .protocol import (
     WorkerRaised,
     WorkerResult,
     WorkerStalled,
+    WorkerStarted,
 )
 from .results import LaunchResult
 
@@ -126,6 +127,7 @@ class _Agent:
     peer_address: str = ""
     ranks: list[int] = field(default_factory=list)
     finished: bool = False  # said it stopped, or closed after we asked it to stop
+    started_at: float = 0.0  # when its executor had started it
 
 
 class Supervisor:
@@ -161,6 +163,9 @@ class Supervisor:
         self.signals: list[int] = []  # received while the run was in progress, in order
         self.forwarded = False  # whether it was sent on to the workers
         self._pipeline_open = False
+        self.began = 0.0  # time.monotonic() at start()
+        self.phases: dict[str, float] = {}  # phase -> seconds from `began` to its end
+        self.workers_started = 0  # ranks that reported their process group formed
         self._signal_pipe: tuple[int, int] | None = None  # written by the signal handler: (read, write)
         self._previous_handlers: dict[int, _Handler] = {}
         self._redeliver: list[int] = []  # arrived once the outcome was known: the previous handler's
@@ -175,6 +180,7 @@ class Supervisor:
     def start(self) -> None:
         """Open the gate and start every agent (in parallel); raise if one cannot be started."""
         self._catch_signals()
+        self.began = time.monotonic()
         loopback = all(plan.is_loopback(a.launcher_address) for a in self.agents)
         self.gate = AgentGate(self.selector, "127.0.0.1" if loopback else "", self.secret)
         store = plan.store_bind_address([a.launcher_address for a in self.agents])
@@ -189,6 +195,7 @@ class Supervisor:
                 agent.index,
                 self.settings.heartbeat_timeout,
                 store if agent.index == 0 else None,
+                processes.identity(os.getpid()),
             )
             spec = AgentSpec(
                 hostname=agent.hostname,
@@ -202,10 +209,12 @@ class Supervisor:
             return self.executor.start(spec)
 
         outcomes = _each(start, self.agents)
+        self._phase_done("agents started")
         errors = []
         for agent, (process, error) in zip(self.agents, outcomes, strict=True):
             if process is not None:
                 agent.process = process
+                agent.started_at = time.monotonic()
                 self.selector.register(process.fileno(), selectors.EVENT_READ, ("process", agent))
             else:
                 errors.append(AgentFailedError(agent.hostname, f"could not start the agent: {error}"))
@@ -245,7 +254,8 @@ class Supervisor:
                 broken[rank] = e
         if broken:
             raise ResultUnpicklingError(broken, LaunchResult(values, self.placement))
-        return LaunchResult(values, self.placement)
+        self._phase_done("returned")
+        return LaunchResult(values, self.placement, self.phases)
 
     def close(self) -> None:
         """Stop every agent and release every socket of the run. Safe to call at any point."""
@@ -294,6 +304,8 @@ class Supervisor:
             stuck = {rank: state for rank, state in self.stalled.items() if state[1] >= bound / 2}
             error = WorkerHungError(stuck, bound)
             self._fail(error, str(error).splitlines()[0])
+        if self.phase is Phase.STARTING:
+            self._check_started(now)
         if self.phase is Phase.STARTING and now > self.deadline:
             missing = [a.hostname for a in self.agents if a.ready is None]
             self._fail(AgentFailedError(missing[0], f"was not ready within timeout={self.settings.timeout} s"), "")
@@ -304,6 +316,21 @@ class Supervisor:
             self._stop_all()
         if self.forwarded and self.phase is Phase.RUNNING and not self._ranks_running():
             self._stop_all()  # every rank ended, or lost its agent, within the grace period
+
+    def _phase_done(self, phase: str) -> None:
+        self.phases[phase] = round(time.monotonic() - self.began, 4)
+
+    def _check_started(self, now: float) -> None:
+        """An agent says hello right after connecting (before it imports torch, and heartbeats
+        from then on): one started that has not is frozen or cannot run."""
+        bound = self.settings.heartbeat_timeout
+        for agent in self.agents:
+            silent = agent.hello is None and agent.process is not None and not agent.finished
+            if silent and now - agent.started_at > bound:
+                reason = f"it did not connect back within heartbeat_timeout={bound:g} s of being started"
+                self._fail(AgentFailedError(agent.hostname, reason), "")
+                self._stop_all()
+                return
 
     def _heartbeat(self, now: float) -> None:
         """Tell every agent we are here; declare lost an agent we have not heard from."""
@@ -336,6 +363,7 @@ class Supervisor:
     def _agent_ready(self, agent: _Agent, ready: Ready) -> None:
         agent.ready = ready
         if self.phase is Phase.STARTING and all(a.ready is not None for a in self.agents):
+            self._phase_done("agents ready")
             self._start_workers()
 
     def _start_workers(self) -> None:
@@ -357,6 +385,7 @@ class Supervisor:
         for agent, specs in zip(self.agents, workers, strict=True):
             agent.ranks = [spec.rank for spec in specs]
             self._send(agent, StartWorkers(specs), *self.payload)
+        self._phase_done("workers started")
 
     # -- events from agents -----------------------------------------------------------
     def _from_agent(self, agent: _Agent) -> None:
@@ -369,6 +398,10 @@ class Supervisor:
         match message:
             case Ready():
                 self._agent_ready(agent, message)
+            case WorkerStarted():
+                self.workers_started += 1
+                if self.workers_started == len(self.placement):
+                    self._phase_done("group formed")
             case Logs(lines):
                 self._emit(agent, lines)
             case WorkerResult(local_rank):

@@ -37,7 +37,7 @@ from typing import Any, NoReturn
 from . import _pickling, processes
 from .channel import Channel
 from .logs import log_level_from_env
-from .protocol import Message, WorkerLog, WorkerRaised, WorkerResult, WorkerSpec
+from .protocol import Message, WorkerLog, WorkerRaised, WorkerResult, WorkerSpec, WorkerStarted
 
 __all__ = ["ForkedWorker", "fork_worker"]
 
@@ -177,6 +177,7 @@ def _printed_to_a_standard_stream(record: logging.LogRecord) -> bool:
 
 
 def _run(spec: WorkerSpec, payload: bytes | bytearray, channel: Channel) -> NoReturn:
+    forked = time.time()
     _start_like_a_fresh_program()
     _become_like_torchrun_worker(spec)
     control = _LockedChannel(channel)
@@ -198,6 +199,7 @@ def _run(spec: WorkerSpec, payload: bytes | bytearray, channel: Channel) -> NoRe
         _use_own_gpu(spec)
         if spec.backend is not None:
             _init_process_group(spec)
+        control.send(WorkerStarted(spec.local_rank, forked, time.time()))
         result = func(*args, **kwargs)
     except BaseException as e:  # SystemExit and KeyboardInterrupt too: each is reported as what it is
         raised = e

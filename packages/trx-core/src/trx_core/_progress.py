@@ -13,6 +13,7 @@ import traceback
 import types
 from typing import Any, Protocol
 
+from . import processes
 from .channel import Channel
 from .protocol import Message, WorkerStalled
 
@@ -31,6 +32,7 @@ def watch_progress(channel: Channel, control: _Sender, local_rank: int, bound: f
     blocked in a collective, on a lock or in a sleep does. A rank spinning on the CPU counts
     as progressing. This thread is the only reader of `channel`.
     """
+    processes.leave_signals_to_the_main_thread()  # a user's handler (checkpoint on SIGUSR1) runs at once
     main = threading.main_thread()
     assert main.ident is not None
     cpu_clock = time.pthread_getcpuclockid(main.ident)

@@ -68,6 +68,7 @@ def _watch_launcher(identity: str | None) -> None:
 
     def watch() -> None:
         global _launcher_gone
+        processes.leave_signals_to_the_main_thread()
         select.select([pidfd], [], [])
         _launcher_gone = f"the launcher (pid {pid}) exited"
         os.kill(os.getpid(), signal.SIGHUP)
@@ -124,6 +125,9 @@ def main(argv: list[str] | None = None) -> int:
     args = _parse_args(argv)
     secret = bytes.fromhex(sys.stdin.readline().strip())
     processes.become_subreaper()
+    # A blocked mask survives exec: what started us (a thread of the launcher, bash, sshd) must
+    # not leave SIGTERM blocked here, or the agent could never be told to stop.
+    signal.pthread_sigmask(signal.SIG_SETMASK, set())
     for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
         signal.signal(sig, _raise_terminate)
     _watch_launcher(args.launcher_process)
@@ -180,6 +184,7 @@ def _beating(channel: Channel) -> Iterator[None]:
     done = threading.Event()
 
     def beat() -> None:
+        processes.leave_signals_to_the_main_thread()
         while not done.wait(HEARTBEAT_S):
             try:
                 channel.send(Beat())

@@ -110,6 +110,13 @@ def kill_session(sid: int | None, mark: tuple[str, str] | None = None) -> list[i
     return killed
 
 
+def leave_signals_to_the_main_thread() -> None:
+    """Block every signal in the calling (helper) thread, so that signals sent to the process
+    reach the main thread. CPython runs Python signal handlers there, but a signal the kernel
+    hands to another thread may not wake the main thread's interpreter until much later."""
+    signal.pthread_sigmask(signal.SIG_BLOCK, signal.valid_signals())
+
+
 def identity(pid: int) -> str | None:
     """``PID:START_TIME`` of a process: names it uniquely on this machine since boot (a pid alone
     may be reused). None if there is no such process."""

@@ -77,9 +77,10 @@ def noop():
 
 
 if __name__ == "__main__":
-    trx.launch(noop, hostnames={hostnames!r}, workers_per_host={workers}, backend="gloo", logs=None, log_console=None,
-               {ssh_config})
-    print("{stamp}", imported, time.time(), flush=True)
+    result = trx.launch(noop, hostnames={hostnames!r}, workers_per_host={workers}, backend="gloo", logs=None,
+                        log_console=None, {ssh_config})
+    phases = getattr(result, "phases", {{}})  # torchrunx's own start-up phases, where it reports them
+    print("{stamp}", imported, time.time(), *(f"{{k.replace(' ', '_')}}={{v}}" for k, v in phases.items()), flush=True)
 """
 
 _UPSTREAM_SCRIPT = """\
@@ -156,13 +157,8 @@ class Sample:
 
 
 def agent_phases(scratch: Path, spawned: float) -> dict[str, float]:
-    """Startup phases reported by torchrunx itself for the launch whose output is in `scratch`.
-
-    The hook for phase timings from the core (agent started, torch imported, workers forked,
-    group formed): return them as seconds since `spawned` (the ``time.time()`` at which the
-    launch script's process was started), keyed by phase name; each key becomes a column.
-    Nothing reports them yet, so there is nothing to read.
-    """
+    """More phase timings from files a launch leaves in `scratch` (none today: torchrunx's own
+    phases come on the script's stamp line, from `LaunchResult.phases`; see `script_phases`)."""
     return {}
 
 
@@ -170,9 +166,22 @@ def script_phases(output: str, spawned: float, ended: float) -> dict[str, float]
     """Split a sample at the launch script's stamps: imports done, launch returned."""
     for line in output.splitlines():
         if line.startswith(STAMP):
-            imported, returned = (float(x) for x in line.split()[1:3])
-            return {"import": imported - spawned, "launch": returned - imported, "exit": ended - returned}
+            words = line.split()
+            imported, returned = float(words[1]), float(words[2])
+            phases = {"import": imported - spawned, "launch": returned - imported, "exit": ended - returned}
+            # LaunchResult.phases: seconds from the launch call to the end of each start-up phase
+            for word in words[3:]:
+                name, _, value = word.partition("=")
+                if name in _REPORTED:
+                    phases[_REPORTED[name]] = float(value)
+            return phases
     return {}
+
+
+# The start-up phases torchrunx reports (LaunchResult.phases), as short column names: agents
+# started (by their executor), torch imported in every agent (they are ready), workers forked,
+# process group formed. Seconds from the launch call.
+_REPORTED = {"agents_started": "agents", "agents_ready": "torch", "workers_started": "forked", "group_formed": "group"}
 
 
 def process_runner(argv: list[str], cwd: Path, env: dict[str, str] | None = None) -> Runner:

@@ -108,13 +108,14 @@ class LogPipeline(Protocol):
 
 
 _SGR = re.compile(r"\x1b\[[0-9;:]*m")  # colour and style: Select Graphic Rendition
-_CONTROL = re.compile(r"[\x00-\x08\x0a-\x1f\x7f-\x9f]")  # C0 but the tab, DEL, C1
+_CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f]")  # C0 but tab and newline, DEL, C1
 
 
 def terminal_safe(text: str) -> str:
-    """`text` as it may be shown on a terminal: control characters, and so every escape
-    sequence (cursor moves, screen clearing, window titles, clipboard writes...), are shown
-    escaped (``\\x1b]0;title\\x07``), except colour and style sequences (SGR, ``ESC[...m``),
+    """`text` as it may be shown on a terminal: control characters other than tab and newline
+    (a multi-line message, such as a traceback, keeps its lines), and so every escape sequence
+    (cursor moves, screen clearing, window titles, clipboard writes...), are shown escaped
+    (``\\x1b]0;title\\x07``), except colour and style sequences (SGR, ``ESC[...m``),
     which are kept and reset at the end of the line so that they colour nothing after it."""
     parts = _SGR.split(text)
     safe = [_CONTROL.sub(lambda m: repr(m[0])[1:-1], part) for part in parts]

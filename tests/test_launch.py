@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import os
+import subprocess
 import sys
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -193,3 +195,25 @@ def test_the_result_says_where_the_start_up_time_went(local: dict[str, Any]) -> 
     logs = local["logs"]
     (agent_log,) = [p for p in logs.glob("*_localhost.log")]  # type: ignore[union-attr]
     assert "ready" in agent_log.read_text() and "after the agent started" in agent_log.read_text()
+
+
+NO_TORCH_SCRIPT = """
+import sys
+import torchrunx as trx
+
+def rank():
+    import torch.distributed as dist
+    return dist.get_rank()
+
+if __name__ == "__main__":
+    results = trx.launch(rank, hostnames=["localhost"], workers_per_host=2, backend="gloo", logs=None, log_console=None)
+    print(dict(results), "torch" in sys.modules)
+"""
+
+
+def test_a_launcher_that_touches_no_tensor_never_imports_torch(tmp_path: Path) -> None:
+    script = tmp_path / "launch.py"
+    script.write_text(NO_TORCH_SCRIPT)
+    done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120, cwd=tmp_path)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.strip().splitlines()[-1] == "{0: 0, 1: 1} False"

@@ -154,11 +154,20 @@ class AgentLoop:
             return
         match message:
             case WorkerLog(created, level, logger, text):
+                self._read_output_now(worker)  # what it printed before logging this comes first
                 self.pending_logs.append(LogLine(created, worker.spec.local_rank, "logging", level, text, logger))
             case _:  # a result, an exception or a stall: relayed untouched (the blob is the launcher's to decode)
                 self._flush_logs()
                 if not self.channel.forward(message, blob_len, worker.control):
                     self.channel.send(DiscardResult(worker.spec.local_rank))  # the worker died mid-send
+
+    def _read_output_now(self, worker: ForkedWorker) -> None:
+        """Take what is in the worker's pipes already: lines and log records arrive by two ways
+        (pipes, the control socket), and a record must not overtake a line printed before it."""
+        for fd, stream in ((worker.stdout, "stdout"), (worker.stderr, "stderr")):
+            for _ in range(_MAX_DRAIN_READS):
+                if fd not in self.splitters or not self._from_worker_pipe(fd, worker, stream):
+                    break
 
     def _from_worker_pipe(self, fd: int, worker: ForkedWorker, stream: str) -> bool:
         """Read once from a worker's pipe; False if it had nothing to read right now."""

@@ -95,9 +95,10 @@ def _has_mark(pid: str, mark: bytes) -> bool:
         return False
 
 
-def kill_session(sid: int | None, mark: tuple[str, str] | None = None) -> list[int]:
+def kill_session(sid: int | None, mark: tuple[str, str] | None = None, wait_s: float = 2.0) -> list[int]:
     """SIGKILL every process of session `sid`, and every process whose environment holds
-    ``NAME=VALUE`` for ``mark = (NAME, VALUE)``. Returns the pids signalled."""
+    ``NAME=VALUE`` for ``mark = (NAME, VALUE)``. Returns the pids signalled, once they are gone
+    (or after `wait_s`: a process in uninterruptible sleep dies when it wakes)."""
     needle = f"{mark[0]}={mark[1]}".encode() if mark else None
     killed = []
     for entry in os.listdir("/proc"):
@@ -107,7 +108,19 @@ def kill_session(sid: int | None, mark: tuple[str, str] | None = None) -> list[i
             with contextlib.suppress(ProcessLookupError, PermissionError):
                 os.kill(int(entry), signal.SIGKILL)
                 killed.append(int(entry))
+    end = time.monotonic() + wait_s
+    while any(_running(pid) for pid in killed) and time.monotonic() < end:
+        time.sleep(0.005)
     return killed
+
+
+def _running(pid: int) -> bool:
+    """Alive and not a zombie (a zombie has released everything; only its parent's wait is due)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):
+        return False
 
 
 def leave_signals_to_the_main_thread() -> None:

@@ -9,6 +9,7 @@ import signal
 import subprocess
 import tempfile
 import threading
+import warnings
 from typing import TYPE_CHECKING
 
 from trx_core import AgentProcess, AgentSpec, ConfigurationError, ExecutorSettings
@@ -179,7 +180,15 @@ class AutoExecutor:
                     from .srun import SrunExecutor
 
                     self._srun = SrunExecutor(self._settings)
-                if hostname in self._srun.nodes():
+                try:
+                    in_job = hostname in self._srun.nodes()
+                except ConfigurationError as e:
+                    # SLURM_JOB_ID set, but no controller knows the job (set by hand, a stale
+                    # variable): "auto" reaches the host over SSH; executor="slurm" would refuse.
+                    warnings.warn(f"torchrunx: not starting agents as SLURM job steps ({e}); using SSH", stacklevel=2)
+                    self._in_job = False
+                    in_job = False
+                if in_job:
                     return self._srun
             if self._ssh is None:
                 from .ssh import SSHExecutor

@@ -3,11 +3,13 @@ process carrying that tag (an agent, a worker, a worker's child) is still alive 
 
 from __future__ import annotations
 
+import contextlib
 import os
 import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
+from typing import TypeVar
 
 import pytest
 
@@ -63,6 +65,25 @@ def _in_ci() -> bool:
     return os.environ.get("CI", "").lower() in ("1", "true", "yes")
 
 
+T = TypeVar("T")
+
+
+@contextlib.contextmanager
+def _test_bed(context: contextlib.AbstractContextManager[T], unavailable: type[Exception], what: str) -> Iterator[T]:
+    """Enter a test bed; skip when the machine cannot host it, except in CI (CI=true), where a
+    missing prerequisite is a failure."""
+    try:
+        bed = context.__enter__()
+    except unavailable as e:
+        if _in_ci():
+            pytest.fail(f"{what}: prerequisites are missing in CI: {e}")
+        pytest.skip(f"{what} unavailable: {e}")
+    try:
+        yield bed
+    finally:
+        context.__exit__(None, None, None)
+
+
 @pytest.fixture(scope="session")
 def multihost_bed(tmp_path_factory: pytest.TempPathFactory) -> Iterator[object]:
     """Two hosts (network namespaces, each with sshd and its own hostname) for the whole session.
@@ -72,17 +93,8 @@ def multihost_bed(tmp_path_factory: pytest.TempPathFactory) -> Iterator[object]:
     """
     from multihost import Unavailable, testbed
 
-    bed_context = testbed(tmp_path_factory.mktemp("multihost"), n=2)
-    try:
-        bed = bed_context.__enter__()
-    except Unavailable as e:
-        if _in_ci():
-            pytest.fail(f"multi-host prerequisites are missing in CI: {e}")
-        pytest.skip(f"multi-host test bed unavailable: {e}")
-    try:
+    with _test_bed(testbed(tmp_path_factory.mktemp("multihost"), n=2), Unavailable, "multi-host test bed") as bed:
         yield bed
-    finally:
-        bed_context.__exit__(None, None, None)
 
 
 @pytest.fixture(scope="session")
@@ -95,14 +107,5 @@ def slurm_bed(tmp_path_factory: pytest.TempPathFactory) -> Iterator[object]:
     """
     from slurmbed import Unavailable, slurm_cluster
 
-    cluster_context = slurm_cluster(tmp_path_factory.mktemp("slurm"), n=2)
-    try:
-        cluster = cluster_context.__enter__()
-    except Unavailable as e:
-        if _in_ci():
-            pytest.fail(f"SLURM test bed prerequisites are missing in CI: {e}")
-        pytest.skip(f"SLURM test bed unavailable: {e}")
-    try:
+    with _test_bed(slurm_cluster(tmp_path_factory.mktemp("slurm"), n=2), Unavailable, "SLURM test bed") as cluster:
         yield cluster
-    finally:
-        cluster_context.__exit__(None, None, None)

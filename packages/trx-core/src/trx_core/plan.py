@@ -12,6 +12,7 @@ Nothing here starts a process or opens a socket, so every rule is testable as a 
 
 from __future__ import annotations
 
+import os
 import sys
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -220,8 +221,6 @@ def agent_env(matched: Mapping[str, str], run_id: str) -> dict[str, str]:
 
 def launcher_script() -> str | None:
     """The launcher's ``__main__`` script, as an absolute path (None in a notebook or REPL)."""
-    import os
-
     main = sys.modules.get("__main__")
     path = getattr(main, "__file__", None)
     return os.path.abspath(path) if isinstance(path, str) and os.path.exists(path) else None

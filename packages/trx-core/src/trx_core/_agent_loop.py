@@ -25,6 +25,7 @@ from .protocol import (
     Beat,
     DiscardResult,
     DumpStacks,
+    ForWorkers,
     LogLine,
     Logs,
     ReportProgress,
@@ -119,6 +120,11 @@ class AgentLoop:
                 self._signal_workers(signum, "the launcher")
             case Stop():
                 return ""
+            case ForWorkers(local_ranks, passed_on):  # the launcher speaking to workers (the debugger)
+                for worker in self.workers.values():
+                    if worker.pid not in self.ended and (not local_ranks or worker.spec.local_rank in local_ranks):
+                        with contextlib.suppress(ChannelClosed, OSError):
+                            worker.control.send(passed_on)
         return None
 
     def _signal_workers(self, signum: int, receiver: str) -> None:

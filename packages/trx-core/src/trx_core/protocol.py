@@ -43,6 +43,15 @@ __all__ = [
     "WorkerStalled",
     "WorkerStarted",
     "message_table",
+    # debugging
+    "POST_MORTEM_VAR",
+    "DebuggerInput",
+    "DebuggerOutput",
+    "DebuggerReply",
+    "ForWorkers",
+    "SendStacks",
+    "WorkerPaused",
+    "WorkerStacks",
 ]
 
 
@@ -217,6 +226,68 @@ class ReportProgress:
     """Write your stack to your log and send `WorkerStalled` with how long you have been stuck."""
 
 
+# -- debugging (trx_core._debug_worker, trx_core._debug_console) -------------------------
+POST_MORTEM_VAR = "TORCHRUNX_POST_MORTEM"
+"""Set to 1 in the workers' environment by ``Launcher(post_mortem=True)``."""
+
+
+@dataclass(frozen=True)
+class ForWorkers:
+    """Pass `message` on, unchanged, to the workers of these local ranks (every worker when
+    empty): how the launcher speaks to workers (`DebuggerReply`, `DebuggerInput`, `SendStacks`)."""
+
+    local_ranks: tuple[int, ...]
+    message: Message
+
+
+@dataclass(frozen=True)
+class WorkerPaused:
+    """The worker stopped at `breakpoint()` (or, with post_mortem, on an exception) at `where`,
+    and waits for `DebuggerReply` before opening pdb. Relayed to the launcher."""
+
+    local_rank: int
+    where: str
+    why: str
+
+
+@dataclass(frozen=True)
+class DebuggerReply:
+    """Whether to open pdb for `WorkerPaused` (with the launcher's terminal), or go on (`reason`)."""
+
+    accepted: bool
+    reason: str = ""
+
+
+@dataclass(frozen=True)
+class DebuggerOutput:
+    """What the worker's pdb wrote; `prompt` not None: pdb now waits for a command line with this
+    prompt. Relayed to the launcher."""
+
+    local_rank: int
+    text: str
+    prompt: str | None
+
+
+@dataclass(frozen=True)
+class DebuggerInput:
+    """A command line typed in the launcher's terminal, for the worker's pdb."""
+
+    line: str
+
+
+@dataclass(frozen=True)
+class SendStacks:
+    """Send the Python stack of each of your threads to the launcher (`WorkerStacks`)."""
+
+
+@dataclass(frozen=True)
+class WorkerStacks:
+    """The worker's threads (name, stack innermost last) when `SendStacks` came. Relayed to the launcher."""
+
+    local_rank: int
+    threads: tuple[tuple[str, str], ...]
+
+
 Message = (
     StartWorkers
     | DumpStacks
@@ -235,9 +306,16 @@ Message = (
     | WorkerStarted
     | WorkerLog
     | ReportProgress
+    | ForWorkers
+    | WorkerPaused
+    | DebuggerReply
+    | DebuggerOutput
+    | DebuggerInput
+    | SendStacks
+    | WorkerStacks
 )
 
-LAUNCHER_TO_AGENT: tuple[type, ...] = (StartWorkers, DumpStacks, Signal, Stop, Beat)
+LAUNCHER_TO_AGENT: tuple[type, ...] = (StartWorkers, DumpStacks, Signal, Stop, Beat, ForWorkers)
 AGENT_TO_LAUNCHER: tuple[type, ...] = (
     Hello,
     Ready,
@@ -250,9 +328,21 @@ AGENT_TO_LAUNCHER: tuple[type, ...] = (
     WorkerExited,
     AgentStopped,
     Beat,
+    WorkerPaused,
+    DebuggerOutput,
+    WorkerStacks,
 )
-WORKER_TO_AGENT: tuple[type, ...] = (WorkerStarted, WorkerResult, WorkerRaised, WorkerStalled, WorkerLog)
-AGENT_TO_WORKER: tuple[type, ...] = (ReportProgress,)
+WORKER_TO_AGENT: tuple[type, ...] = (
+    WorkerStarted,
+    WorkerResult,
+    WorkerRaised,
+    WorkerStalled,
+    WorkerLog,
+    WorkerPaused,
+    DebuggerOutput,
+    WorkerStacks,
+)
+AGENT_TO_WORKER: tuple[type, ...] = (ReportProgress, DebuggerReply, DebuggerInput, SendStacks)
 
 
 def message_table() -> str:

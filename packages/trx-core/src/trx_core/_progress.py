@@ -1,4 +1,5 @@
-"""Hang detection inside a worker: a thread that watches the main thread for progress."""
+"""Hang detection inside a worker: a thread that watches the main thread for progress, and reads
+what the agent sends the worker (stack dumps, the debugger's messages)."""
 
 from __future__ import annotations
 
@@ -14,8 +15,8 @@ import types
 from typing import Any, Protocol
 
 from . import processes
-from .channel import Channel
-from .protocol import Message, WorkerStalled
+from .channel import Channel, ChannelClosed
+from .protocol import Message, ReportProgress, WorkerStalled
 
 __all__ = ["watch_progress"]
 
@@ -24,36 +25,58 @@ class _Sender(Protocol):
     def send(self, message: Message, *blob: bytes | memoryview) -> None: ...
 
 
-def watch_progress(channel: Channel, control: _Sender, local_rank: int, bound: float) -> None:
-    """Report once the main thread has made no progress for `bound` seconds. When the agent
-    asks (another rank looks hung), write every thread's stack to stderr and report how long.
+class _Debugger(Protocol):
+    @property
+    def paused(self) -> bool: ...
+
+    def on_message(self, message: Message) -> None: ...
+
+    def channel_closed(self) -> None: ...
+
+
+def watch_progress(
+    channel: Channel, control: _Sender, local_rank: int, bound: float | None, debugger: _Debugger
+) -> None:
+    """Read what the agent sends this worker. Report once the main thread has made no progress
+    for `bound` seconds (None: never). When the agent asks (another rank looks hung), write every
+    thread's stack to stderr and report how long; hand the debugger's messages to `debugger`.
 
     No progress: the main thread stays at the same bytecode and uses no CPU time, as a rank
     blocked in a collective, on a lock or in a sleep does. A rank spinning on the CPU counts
-    as progressing. This thread is the only reader of `channel`.
+    as progressing, and so does one waiting at a debugger prompt. This thread is the only
+    reader of `channel`.
     """
     processes.leave_signals_to_the_main_thread()  # a user's handler (checkpoint on SIGUSR1) runs at once
     main = threading.main_thread()
     assert main.ident is not None
     cpu_clock = time.pthread_getcpuclockid(main.ident)
-    interval = min(1.0, bound / 4)
+    interval = None if bound is None else min(1.0, bound / 4)
     last: tuple[Any, ...] = ()
     since, reported = time.monotonic(), False
     while True:
-        asked = bool(select.select([channel.sock], [], [], interval)[0])
-        if asked:
-            channel.recv()  # ReportProgress
+        asked = False
+        if select.select([channel.sock], [], [], interval)[0]:
+            try:
+                message, _ = channel.recv()
+            except (ChannelClosed, OSError):
+                debugger.channel_closed()
+                return  # the agent is gone (and kills this worker)
+            match message:
+                case ReportProgress():
+                    asked = True
+                case _:
+                    debugger.on_message(message)
         frame = sys._current_frames().get(main.ident)
         state = (id(frame), frame.f_lasti if frame else -1, time.clock_gettime_ns(cpu_clock))
         now = time.monotonic()
-        if state != last:
+        if state != last or debugger.paused:
             last, since, reported = state, now, False
         if frame is None:
             continue
         if asked:
             faulthandler.dump_traceback(file=sys.stderr, all_threads=True)
             control.send(WorkerStalled(local_rank, now - since, _where(frame)))
-        elif not reported and now - since >= bound:
+        elif bound is not None and not reported and now - since >= bound:
             control.send(WorkerStalled(local_rank, now - since, _where(frame)))
             reported = True
 

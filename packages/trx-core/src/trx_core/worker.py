@@ -29,6 +29,8 @@ from dataclasses import dataclass
 from typing import Any, NoReturn
 
 from . import _pickling, processes
+from ._debug_worker import WorkerDebugger
+from ._progress import watch_progress
 from ._worker_env import become_like_torchrun_worker, init_process_group, mirror_main, use_own_gpu
 from ._worker_exit import exit_like_python, start_like_a_fresh_program
 from .channel import Channel
@@ -179,12 +181,11 @@ def _run(spec: WorkerSpec, payload: bytes | bytearray, channel: Channel) -> NoRe
     _capture_logging(control)
     # `kill -USR1 <worker>` (or a hang report) writes every thread's stack into the worker's log.
     faulthandler.register(signal.SIGUSR1, file=sys.stderr, all_threads=True)
-    if spec.hang_timeout is not None:
-        from ._progress import watch_progress
-
-        threading.Thread(
-            target=watch_progress, args=(channel, control, spec.local_rank, spec.hang_timeout), daemon=True
-        ).start()
+    debugger = WorkerDebugger(control, spec.local_rank)  # breakpoint() opens pdb in the launcher's terminal
+    debugger.install()
+    threading.Thread(
+        target=watch_progress, args=(channel, control, spec.local_rank, spec.hang_timeout, debugger), daemon=True
+    ).start()
     raised: BaseException | None = None
     result: Any = None
     try:
@@ -197,6 +198,7 @@ def _run(spec: WorkerSpec, payload: bytes | bytearray, channel: Channel) -> NoRe
         result = func(*args, **kwargs)
     except BaseException as e:  # SystemExit and KeyboardInterrupt too: each is reported as what it is
         raised = e
+        debugger.post_mortem(e)  # with Launcher(post_mortem=True): pdb where it was raised
     if os.getpid() != worker_pid:
         _end_forked_child(raised)  # a raw os.fork() child that came back through the function
     exit_code = _report(control, spec, result, raised)

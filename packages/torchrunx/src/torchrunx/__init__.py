@@ -24,6 +24,7 @@ from trx_core import (
     WorkerHungError,
     WorkerInterruptedError,
     launch,
+    print_stacks,
 )
 from trx_logging import add_sink
 
@@ -46,4 +47,5 @@ __all__ = [
     "WorkerInterruptedError",
     "add_sink",
     "launch",
+    "print_stacks",
 ]

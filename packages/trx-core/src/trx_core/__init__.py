@@ -5,6 +5,7 @@ interfaces other packages implement: node executors (`NodeExecutor`) and log pip
 (`LogPipeline`). It depends on torch and cloudpickle only; importing it does not import torch.
 """
 
+from ._debug_console import print_stacks
 from .discovery import HostDiscovery
 from .errors import (
     AgentFailedError,
@@ -48,5 +49,6 @@ __all__ = [
     "available_executors",
     "launch",
     "log_level_from_env",
+    "print_stacks",
     "register_executor",
 ]

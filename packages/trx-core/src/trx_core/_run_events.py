@@ -14,6 +14,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
+from typing import TYPE_CHECKING
 
 from . import _pickling, plan
 from ._signals import SignalCatcher
@@ -31,6 +32,7 @@ from .gate import Arrival
 from .logs import LogPipeline, LogRecord, RunInfo
 from .protocol import (
     AgentStopped,
+    DebuggerOutput,
     DiscardResult,
     DumpStacks,
     Hello,
@@ -41,11 +43,16 @@ from .protocol import (
     StartWorkers,
     Stop,
     WorkerExited,
+    WorkerPaused,
     WorkerRaised,
     WorkerResult,
+    WorkerStacks,
     WorkerStalled,
     WorkerStarted,
 )
+
+if TYPE_CHECKING:
+    from ._debug_console import DebugConsole
 
 __all__ = ["AgentHandle", "Phase", "RunEvents", "RunSettings"]
 
@@ -121,6 +128,7 @@ class RunEvents:
     payload: list[memoryview]
     start_time: datetime
     _pipeline_open: bool
+    debug: DebugConsole
 
     # Provided by the supervisor.
     def _phase_done(self, phase: str) -> None:
@@ -200,6 +208,8 @@ class RunEvents:
                 self._worker_exited(agent, local_rank, how)
             case AgentStopped(reason):
                 self._agent_gone(agent, reason, explained=bool(reason))
+            case WorkerPaused() | DebuggerOutput() | WorkerStacks():
+                self.debug.from_worker(agent, message)
 
     def _emit(self, agent: AgentHandle, lines: Sequence[tuple[float, int | None, str, int, str, str]]) -> None:
         for created, local_rank, stream, level, text, logger in lines:
@@ -228,6 +238,8 @@ class RunEvents:
         self._fail(exception, f"rank {rank} on {agent.hostname!r} raised {raised.type_name}: {raised.message}")
 
     def _worker_stalled(self, rank: int, hostname: str, seconds: float, where: str) -> None:
+        if self.debug.holds_ranks():
+            return  # a rank stopped in the debugger: its peers wait for it, they are not hung
         self.stalled[rank] = (hostname, seconds, where)
         if self.hang_at is None and self.phase is Phase.RUNNING:
             # Have every worker write its stack to its log and say how long it has been stuck,

@@ -17,6 +17,7 @@ from ._checks import (
     check_numpy_torch_versions,
     validate_workers_per_host,
 )
+from ._debug_console import check_post_mortem
 from .errors import ConfigurationError
 from .results import LaunchResult
 
@@ -126,6 +127,11 @@ class Launcher:
     run is stopped. Either way the launcher raises RunInterrupted. Only when run is called from
     the main thread."""
 
+    post_mortem: bool = False
+    """Stop a worker whose function raises in pdb, in this program's terminal, at the line that
+    raised, before its exception is sent back (see the Debugging page). Needs a terminal: refused
+    when standard input is not one (a batch job, a notebook, a pipe)."""
+
     def run(
         self,
         func: Callable[..., Any],
@@ -199,6 +205,9 @@ class Launcher:
             )
         if isinstance(self.env_vars, str):
             raise ConfigurationError(f"env_vars must be a tuple of patterns, not the string {self.env_vars!r}")
+        if not isinstance(self.post_mortem, bool):
+            raise ConfigurationError(f"post_mortem must be True or False, got {self.post_mortem!r}")
+        check_post_mortem(self.post_mortem)
         check_numpy_torch_versions()
         check_environment_size(self.matched_env())
         if self.logs is not None:

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from . import _pickling, plan
+from ._debug_console import post_mortem_env
 from .errors import ConfigurationError
 from .executor import ExecutorSettings, resolve_executor
 from .logs import LogSettings, resolve_log_pipeline
@@ -52,7 +53,7 @@ def execute(
         timeout=launcher.timeout,
         hang_timeout=launcher.hang_timeout,
         heartbeat_timeout=launcher.heartbeat_timeout,
-        env=plan.agent_env(launcher.matched_env(), run_id),
+        env=plan.agent_env({**launcher.matched_env(), **post_mortem_env(launcher.post_mortem)}, run_id),
         env_file=env_file,
         python=sys.executable,
         cwd=os.getcwd(),

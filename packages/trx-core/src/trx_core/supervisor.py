@@ -33,6 +33,7 @@ from datetime import datetime
 from types import TracebackType
 
 from . import plan, processes
+from ._debug_console import DebugConsole
 from ._parallel import each
 from ._run_events import AgentHandle, Phase, RunEvents, RunSettings
 from ._signals import SignalCatcher
@@ -98,6 +99,7 @@ class Supervisor(RunEvents):
         self.phases: dict[str, float] = {}  # phase -> seconds from `began` to its end
         self.workers_started = 0  # ranks that reported their process group formed
         self.signal_catcher = SignalCatcher()
+        self.debug = DebugConsole(self)
 
     def __enter__(self) -> Supervisor:
         return self
@@ -109,6 +111,7 @@ class Supervisor(RunEvents):
     def start(self) -> None:
         """Open the gate and start every agent (in parallel); raise if one cannot be started."""
         self.signal_catcher.catch(self.selector)
+        self.debug.open()
         self.began = time.monotonic()
         loopback = all(plan.is_loopback(a.launcher_address) for a in self.agents)
         self.gate = AgentGate(self.selector, "127.0.0.1" if loopback else "", self.secret)
@@ -167,6 +170,8 @@ class Supervisor(RunEvents):
                     self._from_agent(agent)
                 elif kind == "process":
                     self._agent_process_ended(agent)
+                elif kind == "debug":
+                    self.debug.on_ready(agent)
                 elif self.gate is not None and self.gate.owns(key.data):
                     arrival = self.gate.on_ready(key)
                     if arrival is not None:
@@ -200,6 +205,7 @@ class Supervisor(RunEvents):
                     agent.channel.close()
         finally:
             try:
+                self.debug.close()
                 if self.gate is not None:
                     self.gate.close()
                 self.selector.close()

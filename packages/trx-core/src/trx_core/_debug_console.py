@@ -311,8 +311,10 @@ class DebugConsole:
         if self._stdin is not None:
             self._forget_stdin()
         if _screen.owner is self:
-            if self._waiting or self._expected:
-                _screen.write("torchrunx: the run is over; its debugger sessions with it\n")
+            if self._waiting:
+                _screen.write(
+                    f"torchrunx: the run is over, and the debugger sessions of rank(s) {_span(list(self._waiting))}\n"
+                )
             _screen.release(self)
         with self._lock:
             wake, self._wake = self._wake, None

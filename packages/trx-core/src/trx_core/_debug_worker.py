@@ -215,8 +215,35 @@ class _ChannelPdb(pdb.Pdb):
     def __init__(self, debugger: WorkerDebugger) -> None:
         self._output = _Output()
         self._debugger = debugger
-        # nosigint: the worker's SIGINT handling stays the program's (Ctrl-C is the launcher's anyway)
-        super().__init__(stdin=_Input(debugger, self, self._output), stdout=self._output, nosigint=True)  # type: ignore[arg-type]
+        # nosigint: the worker's SIGINT handling stays the program's (Ctrl-C is the launcher's anyway);
+        # skip: stepping out of the user's function does not stop in the worker's own frames
+        super().__init__(
+            stdin=_Input(debugger, self, self._output),  # type: ignore[arg-type]
+            stdout=self._output,  # type: ignore[arg-type]
+            nosigint=True,
+            skip=["trx_core.*"],
+        )
+
+    def get_stack(
+        self, f: types.FrameType | None, t: types.TracebackType | None
+    ) -> tuple[list[tuple[types.FrameType, int]], int]:
+        """The stack from the user's function on: `where` and `up` do not go into the agent and
+        worker frames that called it."""
+        stack, index = super().get_stack(f, t)
+        calls = [
+            i for i, (frame, _) in enumerate(stack) if _is_worker_run(frame.f_code.co_filename, frame.f_code.co_name)
+        ]
+        if calls and calls[-1] < index:
+            cut = calls[-1] + 1
+            return stack[cut:], index - cut
+        return stack, index
+
+    def dispatch_return(self, frame: types.FrameType, arg: Any) -> Any:
+        trace = super().dispatch_return(frame, arg)
+        caller = frame.f_back
+        if caller is not None and _is_worker_run(caller.f_code.co_filename, caller.f_code.co_name):
+            self.set_continue()  # the user's function returned: what the worker does next is not theirs to step through
+        return trace
 
     def interaction(self, frame: types.FrameType | None, tb: types.TracebackType | None) -> None:
         with self._debugger._session:
@@ -243,9 +270,8 @@ def thread_stacks() -> tuple[tuple[str, str], ...]:
 
 def _render(stack: traceback.StackSummary, main: bool) -> str:
     frames = list(stack)
-    worker_file = os.path.join(os.path.dirname(os.path.abspath(__file__)), "worker.py")
     if main:  # from the user's function on
-        starts = [i for i, f in enumerate(frames) if os.path.abspath(f.filename) == worker_file and f.name == "_run"]
+        starts = [i for i, f in enumerate(frames) if _is_worker_run(f.filename, f.name)]
         if starts:
             frames = frames[starts[-1] + 1 :]
     else:
@@ -256,6 +282,14 @@ def _render(stack: traceback.StackSummary, main: bool) -> str:
     if paused is not None:
         text += "  (paused in the debugger)\n"
     return text
+
+
+_WORKER_FILE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "worker.py")
+
+
+def _is_worker_run(filename: str, name: str) -> bool:
+    """The worker's frame that calls the user's function (trx_core.worker._run)."""
+    return name == "_run" and os.path.abspath(filename) == _WORKER_FILE
 
 
 def _frame_where(frame: types.FrameType, line: int) -> str:

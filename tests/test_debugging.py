@@ -52,6 +52,12 @@ def breakpoint_on_every_rank(scale):
     return x
 
 
+def torch_breakpoint_on_rank_1():
+    secret = dist.get_rank() * 7
+    dist.breakpoint(rank=1)  # rank 1 stops; the others wait for it in a barrier
+    return secret
+
+
 def rank_1_raises():
     table = {"a": 1}
     if dist.get_rank() == 1:
@@ -68,7 +74,7 @@ def rank_1_waits_for_a_file_while_the_others_wait_in_a_barrier(flag):
 
 
 mode, fields = sys.argv[1], json.loads(sys.argv[2])
-args = {"flag": sys.argv[3]} if len(sys.argv) > 3 else ({"scale": 10} if "breakpoint" in mode else {})
+args = {"flag": sys.argv[3]} if len(sys.argv) > 3 else ({"scale": 10} if mode.startswith("breakpoint") else {})
 try:
     results = trx.launch(globals()[mode], args, **fields)
     print("RESULTS", sorted(results.items()), flush=True)
@@ -186,6 +192,21 @@ def test_two_ranks_stopped_at_once_can_each_be_reached_and_all_continued(termina
     assert "RESULTS [(0, 10), (1, 20)]" in t.end()
 
 
+@pytest.mark.timeout(120)
+def test_torch_distributed_breakpoint_stops_its_rank_in_the_terminal(terminal: Any, tmp_path: Path) -> None:
+    t = terminal("torch_breakpoint_on_rank_1", on_this_machine(tmp_path))
+    t.expect(r"\[localhost rank 1 local 1\] stopped: torch.distributed.breakpoint\(\) at .*launcher.py:\d+")
+    t.prompt(1)
+    t.type("up")  # torch's breakpoint() stops in itself, before its barrier
+    t.expect(r"-> dist.breakpoint\(rank=1\)")
+    t.prompt(1)
+    t.type("p secret")
+    t.expect(r"\r\n7\r\n")
+    t.prompt(1)
+    t.type("c")
+    assert "RESULTS [(0, 0), (1, 7)]" in t.end()
+
+
 # --------------------------------------------------------------------------- post-mortem
 @pytest.mark.timeout(120)
 def test_post_mortem_stops_the_failing_rank_at_the_line_that_raised(terminal: Any, tmp_path: Path) -> None:
@@ -280,6 +301,7 @@ def no_terminal_breakpoint() -> int:
     rank = dist.get_rank()
     if rank == 1:
         breakpoint()
+    dist.breakpoint(rank=0)
     return rank
 
 
@@ -294,6 +316,7 @@ def test_a_breakpoint_without_a_terminal_is_reported_and_skipped(
     said = capsys.readouterr().err
     assert "[localhost rank 1 local 1] breakpoint() at " in said and "test_debugging.py:" in said
     assert "skipped: the launcher has no terminal" in said
+    assert "[localhost rank 0 local 0] torch.distributed.breakpoint() at " in said
     log = next(Path(local["logs"]).glob("*_localhost_1.log")).read_text()
     assert "breakpoint() at " in log and "skipped: the launcher has no terminal" in log
 

@@ -69,9 +69,13 @@ class WorkerDebugger:
         return self._paused > 0
 
     def install(self) -> None:
-        """``breakpoint()`` and ``pdb.set_trace()`` open pdb in the launcher's terminal from now on."""
+        """``breakpoint()``, ``pdb.set_trace()`` and ``torch.distributed.breakpoint()`` open pdb in
+        the launcher's terminal from now on."""
         sys.breakpointhook = self.breakpoint
         setattr(pdb, "set_trace", self.set_trace)  # noqa: B010 (mypy refuses assigning to a module's function)
+        distributed = sys.modules.get("torch.distributed")  # imported by the agent already
+        if distributed is not None and hasattr(distributed, "_make_distributed_pdb"):
+            setattr(distributed, "_make_distributed_pdb", self.make_distributed_pdb)  # noqa: B010 (torch-private)
 
     # -- the reading thread's side ----------------------------------------------------
     def on_message(self, message: Message) -> None:
@@ -89,11 +93,20 @@ class WorkerDebugger:
     # -- entry points -------------------------------------------------------------------
     def breakpoint(self, *args: Any, **kwargs: Any) -> None:
         """``sys.breakpointhook``: pause in pdb at the caller's line (arguments are ignored, as pdb's)."""
+        if os.environ.get("PYTHONBREAKPOINT") == "0":  # as Python does: breakpoint() turned off
+            return
         self._trace(sys._getframe(1), None)
 
     def set_trace(self, *, header: str | None = None, **ignored: Any) -> None:
         """``pdb.set_trace``, in the launcher's terminal."""
         self._trace(sys._getframe(1), header)
+
+    def make_distributed_pdb(self) -> Any:
+        """``torch.distributed.breakpoint``'s debugger (its ``_make_distributed_pdb``): torch's own
+        breakpoint then keeps the other ranks in a barrier while this one is in the session."""
+        with self._session:
+            debugger = self._open(sys._getframe(2), "torch.distributed.breakpoint()")
+        return debugger if debugger is not None else _NoPdb()
 
     def post_mortem(self, exc: BaseException) -> None:
         """With post_mortem on: open pdb at the frame that raised `exc`, before it is reported."""
@@ -116,20 +129,24 @@ class WorkerDebugger:
             _logger.warning("post-mortem debugging failed: %s: %s", type(e).__name__, e)
 
     def _trace(self, frame: types.FrameType, header: str | None) -> None:
-        if os.environ.get("PYTHONBREAKPOINT") == "0":  # as Python does: breakpoints turned off
-            return
-        where = _frame_where(frame, frame.f_lineno)
-        if os.getpid() != self._pid:
-            # A process the worker forked has no channel of its own to the launcher.
-            print(f"torchrunx: breakpoint() at {where} skipped: in a process forked by a worker", file=sys.stderr)
-            return
         with self._session:
-            if not self._ask(where, "breakpoint()"):
+            debugger = self._open(frame, "breakpoint()")
+            if debugger is None:
                 return
-            debugger = _ChannelPdb(self)
             if header is not None:
                 debugger.message(header)
             debugger.set_trace(frame)
+
+    def _open(self, frame: types.FrameType, why: str) -> _ChannelPdb | None:
+        """A debugger for a stop at `frame`, if the launcher opens a session for it."""
+        where = _frame_where(frame, frame.f_lineno)
+        if os.getpid() != self._pid:
+            # A process the worker forked has no channel of its own to the launcher.
+            print(f"torchrunx: {why} at {where} skipped: in a process forked by a worker", file=sys.stderr)
+            return None
+        if not self._ask(where, why):
+            return None
+        return _ChannelPdb(self)
 
     # -- talking to the launcher ----------------------------------------------------------
     def _ask(self, where: str, why: str) -> bool:
@@ -173,6 +190,16 @@ class WorkerDebugger:
         """The next command line typed for this worker ("" once the channel is gone: pdb's EOF)."""
         message = self._receive(DebuggerInput)
         return "" if message is None else message.line + "\n"
+
+
+class _NoPdb:
+    """What torch.distributed.breakpoint() gets when the launcher refused the session: nothing happens."""
+
+    def message(self, text: str) -> None:
+        pass
+
+    def set_trace(self, *args: Any, **kwargs: Any) -> None:
+        pass
 
 
 class _Output:

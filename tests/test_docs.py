@@ -39,6 +39,7 @@ def test_the_site_builds_with_warnings_as_errors_and_has_every_page(site: Path) 
     pages = {p.stem for p in site.glob("*.html")}
     expected = {"index", "getting-started", "examples", "launching", "cli", "logs", "environment", "failures"}
     expected |= {"multiple-machines", "executors", "embedding", "how-it-works", "api", "porting-from-torchrun"}
+    expected |= {"debugging"}
     assert expected <= pages
 
 
@@ -85,3 +86,9 @@ def test_every_public_name_of_the_four_packages_has_an_api_reference_entry(site:
                 if getattr(other, name, None) is getattr(module, name)
             }
             assert aliases & documented, f"{module.__name__}.{name} has no entry in the API reference"
+
+
+def test_debugging_page_shows_a_recorded_session(site: Path) -> None:
+    text = page_text(site, "debugging")
+    assert "[localhost rank 1 local 1] (Pdb) p step, loss" in text
+    assert "Press Ctrl-\\ (SIGQUIT)" in text

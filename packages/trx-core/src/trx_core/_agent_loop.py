@@ -107,7 +107,7 @@ class AgentLoop:
             self._flush_logs()
             now = time.monotonic()
             silent = now - self.channel.last_received
-            if silent > self.heartbeat_timeout:
+            if silent > self.heartbeat_timeout and not self.channel.has_unread():
                 return f"the launcher was silent for {silent:.0f} s (its host down, or the network cut?)"
             if now - self.channel.last_sent >= HEARTBEAT_S:
                 self.channel.send(Beat())

@@ -140,7 +140,9 @@ def main(argv: list[str] | None = None) -> int:
             return EXIT_NO_LAUNCHER
         connected = time.time()
         channel.send(Hello(args.host_index, socket.gethostname(), os.getpid()))
-        with _beating(channel):  # the launcher hears from us while torch loads (seconds, or minutes on NFS)
+        # From here on a thread beats whenever the main thread sends nothing: while torch loads
+        # (seconds, or minutes on NFS), and while a big frame is read or relayed (a minute over a slow link).
+        with _beating(channel):
             gpus = _import_torch()
             hosts_store = args.store_host is not None
             stores = None
@@ -151,14 +153,14 @@ def main(argv: list[str] | None = None) -> int:
                 port = stores.next_port()
             else:
                 port = _free_port()
-        started = processes.started_at(os.getpid())
-        channel.send(Ready(gpus, len(os.sched_getaffinity(0)), port, hosts_store, started, connected))
-        agent = AgentLoop(channel, args.heartbeat_timeout, stores)
-        agent.log(
-            f"ready {time.time() - started:.2f} s after the agent started: connected to the launcher after "
-            f"{connected - started:.2f} s, then imported torch{' and started the rendezvous store' * hosts_store}"
-        )
-        reason = agent.serve()
+            started = processes.started_at(os.getpid())
+            channel.send(Ready(gpus, len(os.sched_getaffinity(0)), port, hosts_store, started, connected))
+            agent = AgentLoop(channel, args.heartbeat_timeout, stores)
+            agent.log(
+                f"ready {time.time() - started:.2f} s after the agent started: connected to the launcher after "
+                f"{connected - started:.2f} s, then imported torch{' and started the rendezvous store' * hosts_store}"
+            )
+            reason = agent.serve()
     except _Terminate as e:
         reason = str(e)
     except ChannelClosed:
@@ -182,16 +184,13 @@ def main(argv: list[str] | None = None) -> int:
 
 @contextlib.contextmanager
 def _beating(channel: Channel) -> Iterator[None]:
-    """Send heartbeats from a thread while the body runs (the body sends nothing itself)."""
+    """Send heartbeats from a thread while the body runs, whenever the body sends nothing."""
     done = threading.Event()
 
     def beat() -> None:
         processes.leave_signals_to_the_main_thread()
-        while not done.wait(HEARTBEAT_S):
-            try:
-                channel.send(Beat())
-            except (ChannelClosed, OSError):
-                return
+        while not done.wait(HEARTBEAT_S / 4):
+            channel.beat_if_quiet(Beat())
 
     thread = threading.Thread(target=beat, name="torchrunx-heartbeat", daemon=True)
     thread.start()

@@ -130,8 +130,6 @@ class Launcher:
     run is stopped. Either way the launcher raises RunInterrupted. Only when run is called from
     the main thread."""
 
-    _session: Session | None = field(default=None, init=False, repr=False, compare=False)
-
     # -- warm sessions ----------------------------------------------------------------
     def start(self) -> Launcher:
         """Start a warm session: one agent per host, started now and kept until `close()`, so
@@ -143,17 +141,17 @@ class Launcher:
         """
         from .session import Session  # the runtime, kept out of `import trx_core`'s path
 
-        if self._session is not None and not self._session.closed:
+        if _session_of(self) is not None:
             raise ConfigurationError("this launcher's session is already started: close() it first")
         self.validate()
         session = Session(self)
         session.start()
-        self._session = session
+        self.__dict__[_SESSION] = session
         return self
 
     def close(self) -> None:
         """Stop the session's agents (on every host). Does nothing without an open session."""
-        session, self._session = self._session, None
+        session = self.__dict__.pop(_SESSION, None)
         if session is not None:
             session.close()
 
@@ -182,8 +180,8 @@ class Launcher:
         from .run import execute  # the runtime, kept out of `import trx_core`'s path
 
         args, kwargs = call_arguments(func_kwargs, func_args, unexpected)
-        session = self._session
-        if session is not None and not session.closed:
+        session = _session_of(self)
+        if session is not None:
             return session.run(func, args, kwargs)
         self.validate()
         return execute(self, func, args, kwargs)
@@ -258,6 +256,16 @@ class Launcher:
         environ = os.environ if environ is None else environ
         matched = {k: v for k, v in environ.items() if any(fnmatch.fnmatchcase(k, p) for p in self.env_vars)}
         return {**matched, **(self.extra_env_vars or {})}
+
+
+# A launcher's open session lives in its __dict__, not in a field: it is state, not configuration
+# (dataclass fields are what tyro, equality and repr see).
+_SESSION = "_torchrunx_session"
+
+
+def _session_of(launcher: Launcher) -> Session | None:
+    session: Session | None = launcher.__dict__.get(_SESSION)
+    return session if session is not None and not session.closed else None
 
 
 def launch(

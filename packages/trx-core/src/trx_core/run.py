@@ -34,8 +34,8 @@ def execute(
 ) -> LaunchResult:
     """Run `func` as `launcher` says, on agents started for this run alone. `launcher` must have been validated."""
     payload = pickle_payload(func, args, kwargs)
-    pipeline = new_pipeline(launcher)
     with new_supervisor(launcher) as supervisor:
+        pipeline = new_pipeline(launcher)  # after every check of the settings: it may create the log folder
         supervisor.start()
         return supervisor.run(payload, pipeline)
 

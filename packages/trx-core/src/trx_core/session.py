@@ -26,6 +26,7 @@ import warnings
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
+from . import processes
 from .errors import ConfigurationError
 from .results import LaunchResult
 from .run import new_pipeline, new_supervisor, pickle_payload, worker_settings
@@ -116,6 +117,7 @@ class Session:
         assert supervisor is not None and self._idle_thread is None
 
         def serve() -> None:
+            processes.leave_signals_to_the_main_thread()  # the program's own handlers run there, at once
             with contextlib.suppress(Exception):  # whatever broke shows at the next run, as `lost`
                 supervisor.serve_idle(self._stop_idle)
             if not supervisor.lost and not self._stop_idle.is_set():

@@ -103,6 +103,8 @@ class Supervisor(RunEvents):
             os.set_blocking(fd, False)
         self.selector.register(self._wake_r, selectors.EVENT_READ, ("wake", None))
         self._early: list[LogRecord] = []  # emitted while no run's pipeline was open
+        self._beats_done = threading.Event()
+        self._beats: threading.Thread | None = None
         self._new_record([], None, settings.worker)
 
     def _new_record(
@@ -175,6 +177,8 @@ class Supervisor(RunEvents):
 
         outcomes = each(start, self.agents)
         self._phase_done("agents started")
+        self._beats = threading.Thread(target=self._beat_while_busy, name="torchrunx-heartbeat", daemon=True)
+        self._beats.start()
         errors = []
         for agent, (process, error) in zip(self.agents, outcomes, strict=True):
             if process is not None:
@@ -246,6 +250,9 @@ class Supervisor(RunEvents):
 
     def close(self) -> None:
         """Stop every agent and release every socket. Safe to call at any point."""
+        self._beats_done.set()
+        if self._beats is not None:
+            self._beats.join()
         try:
             for agent in self.agents:
                 if agent.channel is not None and not agent.finished:
@@ -325,6 +332,17 @@ class Supervisor(RunEvents):
         for record in early:
             self.pipeline.emit(record)
 
+    def _beat_while_busy(self) -> None:
+        """(A thread of its own.) Every agent hears from us at least once a heartbeat interval,
+        even while this supervisor's loop is busy, e.g. reading a big result over a slow link:
+        otherwise the other agents would take us for gone."""
+        processes.leave_signals_to_the_main_thread()
+        while not self._beats_done.wait(HEARTBEAT_S / 4):
+            for agent in self.agents:
+                channel = agent.channel
+                if channel is not None and not agent.finished:
+                    channel.beat_if_quiet(Beat())
+
     # -- time -------------------------------------------------------------------------
     def _next_timeout(self) -> float:
         """Until the most pressing deadline; at most one heartbeat interval."""
@@ -394,7 +412,7 @@ class Supervisor(RunEvents):
             if channel is None or agent.finished:
                 continue
             silent = now - channel.last_received
-            if silent > self.settings.heartbeat_timeout:
+            if silent > self.settings.heartbeat_timeout and not channel.has_unread():
                 self._agent_gone(
                     agent,
                     f"it stopped answering: nothing heard from it for {silent:.1f} s "

@@ -190,7 +190,14 @@ def test_returned_tensors_keep_dtype_layout_sharing_and_are_writable(local: dict
 def test_the_result_says_where_the_start_up_time_went(local: dict[str, Any]) -> None:
     results = trx.launch(os.getpid, workers_per_host=2, **local)
     phases = results.phases
-    assert list(phases) == ["agents started", "agents ready", "workers started", "group formed", "returned"]
+    assert list(phases) == [
+        "agents started",
+        "agents connected",
+        "agents ready",
+        "workers started",
+        "group formed",
+        "returned",
+    ]
     assert all(b >= a for a, b in zip(phases.values(), list(phases.values())[1:], strict=False))
     logs = local["logs"]
     (agent_log,) = [p for p in logs.glob("*_localhost.log")]  # type: ignore[union-attr]

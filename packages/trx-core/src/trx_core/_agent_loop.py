@@ -16,6 +16,7 @@ import selectors
 import signal
 import time
 from collections.abc import Iterator
+from typing import TYPE_CHECKING
 
 from . import processes
 from ._lines import LineSplitter
@@ -25,10 +26,12 @@ from .protocol import (
     Beat,
     DiscardResult,
     DumpStacks,
+    EndRun,
     ForWorkers,
     LogLine,
     Logs,
     ReportProgress,
+    RunEnded,
     Signal,
     StartWorkers,
     Stop,
@@ -38,6 +41,9 @@ from .protocol import (
 )
 from .worker import ForkedWorker, fork_worker
 
+if TYPE_CHECKING:
+    from .agent import StoreProcesses
+
 __all__ = ["AgentLoop"]
 
 _READ_SIZE = 1 << 16
@@ -46,15 +52,17 @@ _MAX_DRAIN_READS = 256  # 16 MiB
 # `sbatch --signal=USR1@60` or `scancel --signal=USR1`, and with the srun executor an agent is a
 # step. (SIGTERM stays the agent's own: it stops the agent, see trx_core.agent.)
 _PASSED_ON = (signal.SIGUSR1, signal.SIGUSR2)
+_STOPPING = (signal.SIGTERM, signal.SIGHUP, signal.SIGINT)  # see trx_core.agent
 _fork_hook_registered = False
 
 
 class AgentLoop:
     """The agent's state and event loop. Owns every worker it forks."""
 
-    def __init__(self, channel: Channel, heartbeat_timeout: float) -> None:
+    def __init__(self, channel: Channel, heartbeat_timeout: float, stores: StoreProcesses | None = None) -> None:
         self.channel = channel  # to the launcher
         self.heartbeat_timeout = heartbeat_timeout
+        self.stores = stores  # the rendezvous stores, on the agent that hosts them
         self.selector = selectors.DefaultSelector()
         self.workers: dict[int, ForkedWorker] = {}  # by pid
         self.ended: set[int] = set()  # pids of workers reaped
@@ -89,6 +97,8 @@ class AgentLoop:
                         return reason
                 elif kind == "wake":
                     for signum in self._drain_wakeups():
+                        if signum not in _PASSED_ON:
+                            return f"the agent received {processes.signal_name(signum)}"
                         self._signal_workers(signum, "the agent")
                     self._reap()
                 elif kind == "control":
@@ -98,7 +108,7 @@ class AgentLoop:
             self._flush_logs()
             now = time.monotonic()
             silent = now - self.channel.last_received
-            if silent > self.heartbeat_timeout:
+            if silent > self.heartbeat_timeout and not self.channel.has_unread():
                 return f"the launcher was silent for {silent:.0f} s (its host down, or the network cut?)"
             if now - self.channel.last_sent >= HEARTBEAT_S:
                 self.channel.send(Beat())
@@ -118,6 +128,8 @@ class AgentLoop:
                         worker.control.send(ReportProgress())
             case Signal(signum):
                 self._signal_workers(signum, "the launcher")
+            case EndRun():
+                self._end_run()
             case Stop():
                 return ""
             case ForWorkers(local_ranks, passed_on):  # the launcher speaking to workers (the debugger)
@@ -190,12 +202,15 @@ class AgentLoop:
         return True
 
     def _drain_wakeups(self) -> list[int]:
-        """The signals to pass on that arrived since last time (the pipe holds one byte per signal)."""
+        """The signals that arrived since last time (the pipe holds one byte per signal): those
+        to pass on, and those that stop the agent. The latter have a handler that stops the agent
+        already, but under load CPython (3.11) may never run it: one that came while a worker
+        was being forked was seen to be lost. Their byte in this pipe is not."""
         data = b""
         with contextlib.suppress(BlockingIOError):
             while chunk := os.read(self._wake_r, 4096):
                 data += chunk
-        return [signum for signum in dict.fromkeys(data) if signum in _PASSED_ON]
+        return [signum for signum in dict.fromkeys(data) if signum in (*_PASSED_ON, *_STOPPING)]
 
     def _reap(self) -> None:
         for pid, status in processes.reap_children().items():
@@ -261,16 +276,45 @@ class AgentLoop:
         """
         if reason:
             self._agent_log(f"stopping: {reason}", logging.ERROR)
+        self._kill_workers()
+        self.channel.send(AgentStopped(reason))
+
+    def _end_run(self) -> None:
+        """In a warm session: kill what is left of the run (workers, their children, its store),
+        forward what they wrote, forget them, and tell the launcher we are ready for the next run."""
+        self._kill_workers(keep=self.stores.processes() if self.stores is not None else frozenset())
+        for worker in self.workers.values():
+            self._forget(worker)
+        self.workers.clear()
+        self.ended.clear()
+        port = self.stores.next_port(ahead=True) if self.stores is not None else 0
+        rss = processes.resident_memory(os.getpid())
+        self._agent_log(f"run ended; idle, holding {rss / 2**20:.0f} MiB (resident) and no GPU context")
+        self._flush_logs()
+        self.channel.send(RunEnded(port, rss))
+
+    def _forget(self, worker: ForkedWorker) -> None:
+        for fd in (worker.stdout, worker.stderr):
+            if fd in self.splitters:
+                self.selector.unregister(fd)
+                os.close(fd)
+                del self.splitters[fd]
+        if worker.control.fileno() in self.selector.get_map():
+            self.selector.unregister(worker.control.fileno())
+        worker.control.close()
+
+    def _kill_workers(self, keep: frozenset[int] = frozenset()) -> None:
+        """Kill every process we started (but those in `keep`) and forward what they wrote;
+        workers that already died on their own are reported first, with their real exit status."""
         self._reap()
         for pid in self.workers:
             with contextlib.suppress(ProcessLookupError, PermissionError):
                 os.killpg(pid, signal.SIGKILL)
-        processes.kill_descendants()
+        processes.kill_descendants(keep=keep)
         for worker in self.workers.values():
             self._drain_worker(worker)
             self._flush_partial_lines(worker)
         self._flush_logs()
-        self.channel.send(AgentStopped(reason))
 
     def close(self) -> None:
         self.selector.close()

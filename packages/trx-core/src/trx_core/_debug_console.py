@@ -274,6 +274,10 @@ class DebugConsole:
         self._previous_sigquit: Any = None
         self._catches_sigquit = False
         self._stdin: int | None = None  # registered in the run's selector while sessions are open
+        self._begin()
+
+    def _begin(self) -> None:
+        """A new run: no rank stopped yet."""
         self._typed = b""
         self._waiting: dict[int, str] = {}  # rank -> its pdb prompt: ranks waiting for a command line
         self._paused_at: dict[int, str] = {}  # rank -> what it stopped at, where
@@ -284,9 +288,13 @@ class DebugConsole:
         self._skipped: set[str] = set()  # where refused breakpoints were, already said on stderr
         self._greeted = False
 
-    # -- lifecycle (the supervisor's start and close) ---------------------------------------
+    # -- lifecycle (each run of the supervisor) ----------------------------------------------
     def open(self) -> None:
-        """Serve stack requests from now on (and Ctrl-\\, from the main thread)."""
+        """A run begins in this thread: serve its stack requests (and Ctrl-\\, from the main
+        thread) and its breakpoints until `close()`."""
+        if self._wake is not None:
+            return
+        self._begin()
         self._loop_thread = threading.get_ident()
         read_end, write_end = os.pipe()
         for fd in (read_end, write_end):
@@ -300,7 +308,7 @@ class DebugConsole:
             _live.append(self)
 
     def close(self) -> None:
-        """End the sessions (the run is over or stopping), give the terminal and SIGQUIT back."""
+        """The run is over: end its sessions, give the terminal and SIGQUIT back. Safe to repeat."""
         with _live_lock:
             if self in _live:
                 _live.remove(self)
@@ -345,16 +353,20 @@ class DebugConsole:
 
     def from_worker(self, agent: AgentHandle, message: Message) -> None:
         """A debugger message of one of `agent`'s workers."""
-        match message:
+        match message:  # (late ones, from a run that has ended, are answered or dropped)
             case WorkerPaused(local_rank, where, why):
                 self._paused(agent, local_rank, where, why)
-            case DebuggerOutput(local_rank, text, prompt):
+            case DebuggerOutput(local_rank, text, prompt) if local_rank < len(agent.ranks):
                 self._output(agent.ranks[local_rank], text, prompt)
-            case WorkerStacks(local_rank, threads):
+            case WorkerStacks(local_rank, threads) if local_rank < len(agent.ranks):
                 self._stacks(agent.ranks[local_rank], threads)
 
     # -- sessions ---------------------------------------------------------------------------
     def _paused(self, agent: AgentHandle, local_rank: int, where: str, why: str) -> None:
+        if self._wake is None or not self._running() or local_rank >= len(agent.ranks):
+            # the run is ending: its workers are about to be stopped
+            self._run._send(agent, ForWorkers((local_rank,), DebuggerReply(False, "the run is ending")))
+            return
         rank = agent.ranks[local_rank]
         refusal = self._refusal()
         if refusal:
@@ -510,8 +522,6 @@ class DebugConsole:
 
     def _refusal(self) -> str:
         """Why a rank that stopped cannot have a session now ("": it can)."""
-        if not self._running():
-            return "the run is ending"
         if _screen.owner is not None and _screen.owner is not self:
             return "another run of this program is debugging in the terminal"
         if _screen.owner is None and launcher_terminal() is None:

@@ -8,8 +8,10 @@ supervisor itself starts, times and stops things.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import enum
 import selectors
+import signal
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -28,7 +30,7 @@ from .errors import (
     worker_exception,
 )
 from .executor import AgentProcess
-from .gate import Arrival
+from .gate import AgentGate, Arrival
 from .logs import LogPipeline, LogRecord, RunInfo
 from .protocol import (
     AgentStopped,
@@ -39,6 +41,7 @@ from .protocol import (
     Logs,
     Message,
     Ready,
+    RunEnded,
     Signal,
     StartWorkers,
     Stop,
@@ -66,6 +69,8 @@ class Phase(enum.Enum):
     NEW = "new"
     STARTING = "starting"
     RUNNING = "running"
+    ENDING = "ending"  # a session's agents are killing the run's workers; they stay
+    IDLE = "idle"  # a session's agents are ready for the next run
     STOPPING = "stopping"
     DONE = "done"
 
@@ -103,14 +108,21 @@ class AgentHandle:
     ranks: list[int] = field(default_factory=list)
     finished: bool = False  # said it stopped, or closed after we asked it to stop
     started_at: float = 0.0  # when its executor had started it
+    idle: bool = False  # in a session: the last run's workers are gone (RunEnded)
+    rss: int = 0  # in a session: its memory when it last became idle, in bytes
 
 
 class RunEvents:
     """The record of a run, and what each message from an agent does to it."""
 
     settings: RunSettings
+    worker: plan.WorkerSettings  # the current run's
     pipeline: LogPipeline
     phase: Phase
+    keep_agents: bool
+    lost: str
+    interrupted: bool
+    gate: AgentGate | None
     agents: list[AgentHandle]
     placement: list[tuple[str, int]]  # rank -> (hostname, local rank)
     results: dict[int, bytearray]
@@ -140,6 +152,12 @@ class RunEvents:
     def _send(self, agent: AgentHandle, message: Message, *blob: memoryview) -> None:
         raise NotImplementedError
 
+    def _emit_record(self, record: LogRecord) -> None:
+        raise NotImplementedError
+
+    def _open_pipeline(self, info: RunInfo) -> None:
+        raise NotImplementedError
+
     # -- agents arriving --------------------------------------------------------------
     def _welcome(self, arrival: Arrival) -> None:
         index = arrival.hello.host_index
@@ -151,12 +169,21 @@ class RunEvents:
         self.selector.register(arrival.channel.sock, selectors.EVENT_READ, ("agent", agent))
         if self.phase is Phase.STOPPING:
             self._send(agent, Stop())
+        if all(a.hello is not None for a in self.agents):
+            self._phase_done("agents connected")
+            if self.gate is not None:  # nobody else is to come: stop listening
+                self.gate.close()
+                self.gate = None
 
     def _agent_ready(self, agent: AgentHandle, ready: Ready) -> None:
         agent.ready = ready
+        agent.idle = True
         if self.phase is Phase.STARTING and all(a.ready is not None for a in self.agents):
             self._phase_done("agents ready")
-            self._start_workers()
+            if self.payload:
+                self._start_workers()
+            else:
+                self.phase = Phase.IDLE  # a session started, its first run not asked for yet
 
     def _start_workers(self) -> None:
         readies = [a.ready for a in self.agents if a.ready is not None]
@@ -164,18 +191,18 @@ class RunEvents:
         hostnames = [a.hostname for a in self.agents]
         plan.check_backend(self.settings.backend, hostnames, reports)
         counts = plan.worker_counts(self.settings.workers_per_host, reports)
-        self.pipeline.open(RunInfo(self.start_time, hostnames, counts))
-        self._pipeline_open = True
+        self._open_pipeline(RunInfo(self.start_time, hostnames, counts))
         agent0 = self.agents[0]
         host0_is_local = plan.is_loopback(agent0.launcher_address)
         rendezvous = plan.rendezvous_addresses(
             [a.launcher_address for a in self.agents], agent0.peer_address, host0_is_local, readies[0].port
         )
-        workers = plan.plan_workers(counts, rendezvous, self.settings.worker)
+        workers = plan.plan_workers(counts, rendezvous, self.worker)
         self.placement = plan.placement(hostnames, counts)
         self.phase = Phase.RUNNING
         for agent, specs in zip(self.agents, workers, strict=True):
             agent.ranks = [spec.rank for spec in specs]
+            agent.idle = False
             self._send(agent, StartWorkers(specs), *self.payload)
         self._phase_done("workers started")
 
@@ -206,6 +233,10 @@ class RunEvents:
                 self.results.pop(agent.ranks[local_rank], None)
             case WorkerExited(local_rank, how):
                 self._worker_exited(agent, local_rank, how)
+            case RunEnded(port, rss):
+                agent.idle, agent.rss = True, rss
+                if port and agent.ready is not None:
+                    agent.ready = dataclasses.replace(agent.ready, port=port)  # the next run's fresh store
             case AgentStopped(reason):
                 self._agent_gone(agent, reason, explained=bool(reason))
             case WorkerPaused() | DebuggerOutput() | WorkerStacks():
@@ -214,7 +245,7 @@ class RunEvents:
     def _emit(self, agent: AgentHandle, lines: Sequence[tuple[float, int | None, str, int, str, str]]) -> None:
         for created, local_rank, stream, level, text, logger in lines:
             rank = agent.ranks[local_rank] if local_rank is not None and local_rank < len(agent.ranks) else None
-            self.pipeline.emit(LogRecord(created, agent.hostname, local_rank, rank, stream, level, text, logger))
+            self._emit_record(LogRecord(created, agent.hostname, local_rank, rank, stream, level, text, logger))
 
     def _worker_raised(self, agent: AgentHandle, raised: WorkerRaised, blob: bytearray) -> None:
         rank = agent.ranks[raised.local_rank]
@@ -273,7 +304,9 @@ class RunEvents:
                 self.selector.unregister(agent.channel.sock)
             agent.channel.close()
             agent.channel = None
-        if not agent.finished and self.phase is not Phase.STOPPING:
+        if self.keep_agents and not self.lost and self.phase is not Phase.STOPPING:
+            self.lost = f"the agent on {agent.hostname!r} was lost: {reason or 'it exited'}"
+        if not agent.finished and self.phase in (Phase.STARTING, Phase.RUNNING):
             if agent.process is not None and not explained:
                 time.sleep(0.05)  # let the executor see the exit status, for a better message
                 reason = agent.process.poll() or reason
@@ -284,7 +317,11 @@ class RunEvents:
     # -- signals ----------------------------------------------------------------------
     def _on_signals(self) -> None:
         for signum in self.signal_catcher.read():
-            if not self.signals and (self.failures or self.phase in (Phase.STOPPING, Phase.DONE)):
+            if signum == signal.SIGINT:  # caught in a session only: stop the run, keep the agents
+                self.interrupted = True
+                self._stop_all()
+                continue
+            if not self.signals and (self.failures or self.phase not in (Phase.STARTING, Phase.RUNNING)):
                 # The outcome is known already: nothing to interrupt. The program's own handler
                 # (by default: the end of the process) gets the signal once the run is cleaned up.
                 self.signal_catcher.late.append(signum)

@@ -19,6 +19,8 @@ def become_like_torchrun_worker(spec: WorkerSpec) -> None:
     """What libraries expect of a torchrun worker: its environment, ``sys.argv`` and ``sys.path``
     as the launcher's, and torch's CPU threads shared among the host's workers."""
     os.environ.update(spec.env)
+    for name in spec.unset:
+        os.environ.pop(name, None)
     sys.path[:] = [*spec.sys_path, *(p for p in sys.path if p not in spec.sys_path)]
     sys.argv[:] = list(spec.argv) or [""]
     _share_cpu_threads(spec)

@@ -140,23 +140,27 @@ def main(argv: list[str] | None = None) -> int:
             return EXIT_NO_LAUNCHER
         connected = time.time()
         channel.send(Hello(args.host_index, socket.gethostname(), os.getpid()))
-        with _beating(channel):  # the launcher hears from us while torch loads (seconds, or minutes on NFS)
+        # From here on a thread beats whenever the main thread sends nothing: while torch loads
+        # (seconds, or minutes on NFS), and while a big frame is read or relayed (a minute over a slow link).
+        with _beating(channel):
             gpus = _import_torch()
             hosts_store = args.store_host is not None
+            stores = None
             if hosts_store:
                 # "route": this host's address facing the launcher, which the other hosts reach too.
                 bind = channel.sock.getsockname()[0] if args.store_host == "route" else args.store_host
-                port = _fork_store(bind)
+                stores = StoreProcesses(bind)
+                port = stores.next_port()
             else:
                 port = _free_port()
-        started = processes.started_at(os.getpid())
-        channel.send(Ready(gpus, len(os.sched_getaffinity(0)), port, hosts_store, started, connected))
-        agent = AgentLoop(channel, args.heartbeat_timeout)
-        agent.log(
-            f"ready {time.time() - started:.2f} s after the agent started: connected to the launcher after "
-            f"{connected - started:.2f} s, then imported torch{' and started the rendezvous store' * hosts_store}"
-        )
-        reason = agent.serve()
+            started = processes.started_at(os.getpid())
+            channel.send(Ready(gpus, len(os.sched_getaffinity(0)), port, hosts_store, started, connected))
+            agent = AgentLoop(channel, args.heartbeat_timeout, stores)
+            agent.log(
+                f"ready {time.time() - started:.2f} s after the agent started: connected to the launcher after "
+                f"{connected - started:.2f} s, then imported torch{' and started the rendezvous store' * hosts_store}"
+            )
+            reason = agent.serve()
     except _Terminate as e:
         reason = str(e)
     except ChannelClosed:
@@ -180,16 +184,13 @@ def main(argv: list[str] | None = None) -> int:
 
 @contextlib.contextmanager
 def _beating(channel: Channel) -> Iterator[None]:
-    """Send heartbeats from a thread while the body runs (the body sends nothing itself)."""
+    """Send heartbeats from a thread while the body runs, whenever the body sends nothing."""
     done = threading.Event()
 
     def beat() -> None:
         processes.leave_signals_to_the_main_thread()
-        while not done.wait(HEARTBEAT_S):
-            try:
-                channel.send(Beat())
-            except (ChannelClosed, OSError):
-                return
+        while not done.wait(HEARTBEAT_S / 4):
+            channel.beat_if_quiet(Beat())
 
     thread = threading.Thread(target=beat, name="torchrunx-heartbeat", daemon=True)
     thread.start()
@@ -207,35 +208,58 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def _fork_store(host: str) -> int:
-    """Start the workers' rendezvous store in a process of its own (a child of this agent, which
-    kills it when it stops), as torchrun's agent hosts it; return its port.
+class StoreProcesses:
+    """Agent 0's rendezvous stores, each in a process of its own (a child of this agent, which
+    kills it when it stops), as torchrun's agent hosts its store: a fresh one for every run.
 
     Not in this process: the store's server runs threads, and a worker forked while one of them
-    holds a lock (of malloc, say) would hang before it ever reached the store.
+    holds a lock (of malloc, say) would hang before it ever reached the store. In a warm session
+    the store of the run after next is started as a run ends, so that it is ready when needed.
     """
-    read_end, write_end = os.pipe()
-    pid = os.fork()
-    if pid == 0:  # the store's process
-        try:
-            processes.die_with_parent(signal.SIGKILL)
-            for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
-                signal.signal(sig, signal.SIG_DFL)
-            os.closerange(3, write_end)  # the launcher's connection above all: it is the agent's alone
-            os.closerange(write_end + 1, os.sysconf("SC_OPEN_MAX"))
-            store = _start_store(host)
-            os.write(write_end, str(store.port).encode())
-            os.close(write_end)
-            while True:
-                signal.pause()
-        finally:
-            os._exit(1)
-    os.close(write_end)
-    with os.fdopen(read_end, "rb") as f:
-        answer = f.read()
-    if not answer:
-        raise RuntimeError(f"the rendezvous store could not be started on {host}")
-    return int(answer)
+
+    def __init__(self, host: str) -> None:
+        self.host = host
+        self._current = 0  # the process of the store in use
+        self._spare: tuple[int, int] | None = None  # (pid, read end of the pipe that gives its port)
+
+    def next_port(self, ahead: bool = False) -> int:
+        """The port of a new store (the spare one, if started), the one in use killed (its
+        process reaped with the agent's other children); `ahead`: start the next spare."""
+        if self._current:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(self._current, signal.SIGKILL)
+        pid, answer = self._spare if self._spare is not None else self._spawn()
+        self._current = pid
+        self._spare = self._spawn() if ahead else None
+        with os.fdopen(answer, "rb") as f:
+            port = f.read()
+        if not port:
+            raise RuntimeError(f"the rendezvous store could not be started on {self.host} (its process {pid} died)")
+        return int(port)
+
+    def processes(self) -> frozenset[int]:
+        """The processes of the stores (in use, and spare), which `next_port` ends itself."""
+        return frozenset({self._current, *(() if self._spare is None else (self._spare[0],))} - {0})
+
+    def _spawn(self) -> tuple[int, int]:
+        read_end, write_end = os.pipe()
+        pid = os.fork()
+        if pid == 0:  # the store's process
+            try:
+                processes.die_with_parent(signal.SIGKILL)
+                for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+                    signal.signal(sig, signal.SIG_DFL)
+                os.closerange(3, write_end)  # the launcher's connection above all: it is the agent's alone
+                os.closerange(write_end + 1, os.sysconf("SC_OPEN_MAX"))
+                store = _start_store(self.host)
+                os.write(write_end, str(store.port).encode())
+                os.close(write_end)
+                while True:
+                    signal.pause()
+            finally:
+                os._exit(1)
+        os.close(write_end)
+        return pid, read_end
 
 
 def _start_store(host: str) -> Any:

@@ -16,8 +16,10 @@ import hashlib
 import hmac
 import os
 import pickle
+import select
 import socket
 import struct
+import threading
 import time
 from collections.abc import Callable
 
@@ -101,26 +103,56 @@ def client_handshake(sock: socket.socket, secret: bytes) -> None:
 
 
 class Channel:
-    """Frames over a connected stream socket. Owns the socket: `close()` closes it."""
+    """Frames over a connected stream socket. Owns the socket: `close()` closes it.
+
+    Sending is thread-safe: a frame goes out whole under a lock, so that a heartbeat thread
+    (`beat_if_quiet`) can keep the peer informed while the owner's thread is busy, e.g. reading
+    a big blob for a minute. Receiving is for one thread only.
+    """
 
     def __init__(self, sock: socket.socket) -> None:
         self.sock = sock
         self.last_sent = self.last_received = time.monotonic()  # for heartbeats
+        self._send_lock = threading.Lock()
+        self._closed = False
 
     def fileno(self) -> int:
         return self.sock.fileno()
+
+    def beat_if_quiet(self, beat: Message) -> None:
+        """Send `beat` if nothing was sent for a heartbeat interval; skip it if a frame is going
+        out right now (its bytes tell the peer we are alive). Never raises."""
+        if time.monotonic() - self.last_sent < HEARTBEAT_S or not self._send_lock.acquire(blocking=False):
+            return
+        try:
+            if not self._closed:
+                self._send_head(beat, 0)
+        except (ChannelClosed, OSError):
+            pass  # the owner's thread finds out for itself
+        finally:
+            self._send_lock.release()
+
+    def has_unread(self) -> bool:
+        """Whether bytes (or the peer's end of the connection) wait to be read: a peer is not
+        silent while what it sent is still queued here, unread because we were busy."""
+        try:
+            return bool(select.select([self.sock], [], [], 0)[0])
+        except (OSError, ValueError):
+            return True  # closed under us: reading says so
 
     def _heard(self) -> None:
         self.last_received = time.monotonic()
 
     def send(self, message: Message, *blob: bytes | bytearray | memoryview) -> None:
         """Send one frame. The blob may come in several parts (sent in order, never joined)."""
-        self._send_head(message, sum(memoryview(part).nbytes for part in blob))
-        try:
-            for part in blob:
-                self.sock.sendall(part)
-        except (BrokenPipeError, ConnectionResetError) as e:
-            raise ChannelClosed(str(e)) from e
+        with self._send_lock:
+            self._send_head(message, sum(memoryview(part).nbytes for part in blob))
+            try:
+                for part in blob:
+                    self.sock.sendall(part)
+                    self.last_sent = time.monotonic()
+            except (BrokenPipeError, ConnectionResetError) as e:
+                raise ChannelClosed(str(e)) from e
 
     def recv(self) -> tuple[Message, bytearray]:
         """Receive one frame: its message and its blob."""
@@ -152,6 +184,10 @@ class Channel:
         length (so this channel stays in step) and False is returned: the receiver must be
         told to discard it. Failures to send raise `ChannelClosed`.
         """
+        with self._send_lock:
+            return self._forward(message, blob_len, source)
+
+    def _forward(self, message: Message, blob_len: int, source: Channel) -> bool:
         self._send_head(message, blob_len)
         buf = memoryview(bytearray(min(blob_len, _RELAY_CHUNK)))
         left = blob_len
@@ -173,6 +209,7 @@ class Channel:
             self.sock.sendall(data)
         except (BrokenPipeError, ConnectionResetError) as e:
             raise ChannelClosed(str(e)) from e
+        self.last_sent = time.monotonic()
         return len(data)
 
     def _send_head(self, message: Message, blob_len: int) -> None:
@@ -184,4 +221,8 @@ class Channel:
         self.last_sent = time.monotonic()
 
     def close(self) -> None:
-        self.sock.close()
+        # Under the send lock: a heartbeat thread must never write to a descriptor number that
+        # closing here frees (and that the next socket or pipe may take).
+        with self._send_lock:
+            self._closed = True
+            self.sock.close()

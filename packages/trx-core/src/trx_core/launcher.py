@@ -8,7 +8,8 @@ import warnings
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from types import TracebackType
+from typing import TYPE_CHECKING, Any, Literal
 
 from ._checks import (
     call_arguments,
@@ -20,6 +21,9 @@ from ._checks import (
 from ._debug_console import check_post_mortem
 from .errors import ConfigurationError
 from .results import LaunchResult
+
+if TYPE_CHECKING:
+    from .session import Session
 
 __all__ = ["DEFAULT_ENV_VARS", "Launcher", "check_numpy_torch_versions", "launch"]
 
@@ -132,6 +136,37 @@ class Launcher:
     raised, before its exception is sent back (see the Debugging page). Needs a terminal: refused
     when standard input is not one (a batch job, a notebook, a pipe)."""
 
+    # -- warm sessions ----------------------------------------------------------------
+    def start(self) -> Launcher:
+        """Start a warm session: one agent per host, started now and kept until `close()`, so
+        that every `run()` in between forks fresh workers at once instead of starting agents.
+
+        Returns the launcher. Blocks until every agent is ready; raises (having stopped them)
+        if one cannot be started. Prefer ``with Launcher(...) as launcher:``, which closes the
+        session however the block ends. See the "Warm sessions" page of the docs.
+        """
+        from .session import Session  # the runtime, kept out of `import trx_core`'s path
+
+        if _session_of(self) is not None:
+            raise ConfigurationError("this launcher's session is already started: close() it first")
+        self.validate()
+        session = Session(self)
+        session.start()
+        self.__dict__[_SESSION] = session
+        return self
+
+    def close(self) -> None:
+        """Stop the session's agents (on every host). Does nothing without an open session."""
+        session = self.__dict__.pop(_SESSION, None)
+        if session is not None:
+            session.close()
+
+    def __enter__(self) -> Launcher:
+        return self.start()
+
+    def __exit__(self, kind: type[BaseException] | None, error: BaseException | None, tb: TracebackType | None) -> None:
+        self.close()
+
     def run(
         self,
         func: Callable[..., Any],
@@ -145,11 +180,15 @@ class Launcher:
         An exception raised by a worker is re-raised here with its own type and the
         worker's traceback attached. A worker that dies without raising raises
         `WorkerFailedError`; an agent that dies raises `AgentFailedError`. Every process of
-        the run is stopped before this returns or raises.
+        the run is stopped before this returns or raises (in a warm session, see `start()`,
+        the agents stay for the next run).
         """
         from .run import execute  # the runtime, kept out of `import trx_core`'s path
 
         args, kwargs = call_arguments(func_kwargs, func_args, unexpected)
+        session = _session_of(self)
+        if session is not None:
+            return session.run(func, args, kwargs)
         self.validate()
         return execute(self, func, args, kwargs)
 
@@ -226,6 +265,16 @@ class Launcher:
         environ = os.environ if environ is None else environ
         matched = {k: v for k, v in environ.items() if any(fnmatch.fnmatchcase(k, p) for p in self.env_vars)}
         return {**matched, **(self.extra_env_vars or {})}
+
+
+# A launcher's open session lives in its __dict__, not in a field: it is state, not configuration
+# (dataclass fields are what tyro, equality and repr see).
+_SESSION = "_torchrunx_session"
+
+
+def _session_of(launcher: Launcher) -> Session | None:
+    session: Session | None = launcher.__dict__.get(_SESSION)
+    return session if session is not None and not session.closed else None
 
 
 def launch(

@@ -15,7 +15,7 @@ from __future__ import annotations
 import os
 import sys
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from .discovery import discover_hosts
 from .errors import ConfigurationError
@@ -115,6 +115,16 @@ class WorkerSettings:
     sys_path: tuple[str, ...] = ()
     argv: tuple[str, ...] = ()
     main_path: str | None = None
+    env: Mapping[str, str] = field(default_factory=dict)
+    """Variables every worker gets besides those of its agent (a warm session's changes since its start)."""
+    unset: tuple[str, ...] = ()
+    """Variables removed from every worker's environment."""
+
+
+def environment_changes(started: Mapping[str, str], now: Mapping[str, str]) -> tuple[dict[str, str], tuple[str, ...]]:
+    """What changed in the copied environment since the agents started: (set or changed, removed)."""
+    changed = {k: v for k, v in now.items() if started.get(k) != v}
+    return changed, tuple(sorted(k for k in started if k not in now))
 
 
 def plan_workers(
@@ -132,6 +142,8 @@ def plan_workers(
         specs = []
         for local_rank in range(count):
             env = {
+                **settings.env,
+                "TORCHRUNX_RUN_ID": settings.run_id,
                 "RANK": str(rank),
                 "LOCAL_RANK": str(local_rank),
                 "WORLD_SIZE": str(world_size),
@@ -160,6 +172,7 @@ def plan_workers(
                     settings.hang_timeout,
                     settings.argv,
                     settings.main_path,
+                    settings.unset,
                 )
             )
             rank += 1

@@ -65,11 +65,13 @@ def descendants(pid: int) -> list[int]:
     return found
 
 
-def kill_descendants(deadline_s: float = 3.0) -> None:
-    """SIGKILL every descendant of this process and reap them all (needs `become_subreaper`)."""
+def kill_descendants(deadline_s: float = 3.0, keep: frozenset[int] = frozenset()) -> None:
+    """SIGKILL every descendant of this process but the children in `keep` (and theirs), and
+    reap them all (needs `become_subreaper`)."""
     end = time.monotonic() + deadline_s
     while True:
-        pids = descendants(os.getpid())
+        kept = {pid for child in keep for pid in (child, *descendants(child))}
+        pids = [pid for pid in descendants(os.getpid()) if pid not in kept]
         for pid in pids:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
@@ -150,6 +152,15 @@ def started_at(pid: int) -> float:
         return 0.0
     age = time.clock_gettime(time.CLOCK_BOOTTIME) - ticks / os.sysconf("SC_CLK_TCK")
     return time.time() - age
+
+
+def resident_memory(pid: int) -> int:
+    """The resident set size of process `pid` in bytes (0 if it cannot be read)."""
+    try:
+        with open(f"/proc/{pid}/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, IndexError, ValueError):
+        return 0
 
 
 def reap_children() -> dict[int, int]:

@@ -26,12 +26,14 @@ __all__ = [
     "Beat",
     "DiscardResult",
     "DumpStacks",
+    "EndRun",
     "Hello",
     "LogLine",
     "Logs",
     "Message",
     "Ready",
     "ReportProgress",
+    "RunEnded",
     "Signal",
     "StartWorkers",
     "Stop",
@@ -84,6 +86,9 @@ class WorkerSpec:
     """The launcher's ``sys.argv``, which the worker's ``sys.argv`` becomes."""
     main_path: str | None = None
     """The launcher's ``__main__`` script, which the worker's ``__main__`` mirrors (None: none)."""
+    unset: tuple[str, ...] = ()
+    """Variables removed from the worker's environment (in a warm session: those the launcher's
+    environment no longer has since the agents started)."""
 
 
 # -- launcher -> agent ------------------------------------------------------------------
@@ -110,6 +115,12 @@ class Signal:
 @dataclass(frozen=True)
 class Stop:
     """Kill every worker, forward what they wrote, say `AgentStopped` and exit."""
+
+
+@dataclass(frozen=True)
+class EndRun:
+    """In a warm session: kill this run's workers, forward what they wrote, start a fresh
+    rendezvous store (the agent that hosts it), say `RunEnded` and wait for the next run."""
 
 
 @dataclass(frozen=True)
@@ -173,6 +184,15 @@ class AgentStopped:
 
 
 # -- worker -> agent (relayed unchanged to the launcher where noted) ---------------------
+@dataclass(frozen=True)
+class RunEnded:
+    """The run's workers and their children are gone; the agent is idle. `port`: the fresh
+    rendezvous store for the next run (agent that hosts it), `rss`: the agent's memory in bytes."""
+
+    port: int
+    rss: int
+
+
 @dataclass(frozen=True)
 class WorkerResult:
     """The function returned; the blob is its pickled return value. Relayed to the launcher."""
@@ -293,6 +313,7 @@ Message = (
     | DumpStacks
     | Signal
     | Stop
+    | EndRun
     | Beat
     | Hello
     | Ready
@@ -300,6 +321,7 @@ Message = (
     | WorkerExited
     | DiscardResult
     | AgentStopped
+    | RunEnded
     | WorkerResult
     | WorkerRaised
     | WorkerStalled
@@ -315,7 +337,7 @@ Message = (
     | WorkerStacks
 )
 
-LAUNCHER_TO_AGENT: tuple[type, ...] = (StartWorkers, DumpStacks, Signal, Stop, Beat, ForWorkers)
+LAUNCHER_TO_AGENT: tuple[type, ...] = (StartWorkers, DumpStacks, Signal, Stop, EndRun, Beat, ForWorkers)
 AGENT_TO_LAUNCHER: tuple[type, ...] = (
     Hello,
     Ready,
@@ -327,6 +349,7 @@ AGENT_TO_LAUNCHER: tuple[type, ...] = (
     DiscardResult,
     WorkerExited,
     AgentStopped,
+    RunEnded,
     Beat,
     WorkerPaused,
     DebuggerOutput,

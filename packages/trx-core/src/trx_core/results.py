@@ -13,8 +13,11 @@ class LaunchResult(Mapping[int, Any]):
 
     ``placement[rank]`` is the ``(hostname, local_rank)`` where that rank ran. ``phases`` says
     where the run's time went: seconds from the start of the run to the end of each phase of
-    its start-up (``agents started``, ``agents ready``, ``workers started``, ``group formed``:
-    every rank has its process group and calls the function) and to its end (``returned``).
+    its start-up (``agents started``: the executor started them, e.g. ssh is running;
+    ``agents connected``: every agent logged in and connected back; ``agents ready``: every
+    agent imported torch; ``workers started``: forked; ``group formed``: every rank has its
+    process group and calls the function) and to its end (``returned``). A run of a warm
+    session starts from ready agents: its phases begin at ``workers started``.
     """
 
     def __init__(

@@ -73,10 +73,20 @@ def rank_1_waits_for_a_file_while_the_others_wait_in_a_barrier(flag):
     return dist.get_rank()
 
 
+def in_a_session(fields):
+    """Ctrl-C during the first run's pdb session; the session's next run stops at its breakpoint too."""
+    with trx.Launcher(**fields) as launcher:
+        try:
+            launcher.run(breakpoint_on_rank_1, {"scale": 10})
+        except KeyboardInterrupt:
+            print("INTERRUPTED", flush=True)
+        return launcher.run(breakpoint_on_rank_1, {"scale": 1})
+
+
 mode, fields = sys.argv[1], json.loads(sys.argv[2])
 args = {"flag": sys.argv[3]} if len(sys.argv) > 3 else ({"scale": 10} if mode.startswith("breakpoint") else {})
 try:
-    results = trx.launch(globals()[mode], args, **fields)
+    results = in_a_session(fields) if mode == "in_a_session" else trx.launch(globals()[mode], args, **fields)
     print("RESULTS", sorted(results.items()), flush=True)
 except KeyError as e:
     print("RAISED", repr(e), flush=True)
@@ -345,6 +355,22 @@ def test_stopping_the_launcher_during_a_pdb_session_leaves_nothing_behind(
     else:
         os.kill(t.child.pid, signal.SIGKILL)
     # the tag fixture checks that no process of the run outlives the test by 5 s
+
+
+@pytest.mark.timeout(120)
+def test_in_a_warm_session_ctrl_c_at_a_prompt_ends_that_run_and_the_next_run_can_be_debugged(
+    terminal: Any, tmp_path: Path
+) -> None:
+    t = terminal("in_a_session", on_this_machine(tmp_path))
+    t.prompt(1)
+    t.child.sendintr()  # the run's workers are stopped, the session's agents kept
+    t.expect("INTERRUPTED")
+    t.prompt(1)
+    t.type("p x")
+    t.expect(r"\r\n2\r\n")
+    t.prompt(1)
+    t.type("c")
+    assert "RESULTS [(0, 2), (1, 4)]" in t.end()
 
 
 # --------------------------------------------------------------------------- two hosts over SSH

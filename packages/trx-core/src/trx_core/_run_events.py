@@ -304,12 +304,13 @@ class RunEvents:
                 self.selector.unregister(agent.channel.sock)
             agent.channel.close()
             agent.channel = None
-        if self.keep_agents and not self.lost and self.phase is not Phase.STOPPING:
+        unexpected = not agent.finished and self.phase is not Phase.STOPPING
+        if unexpected and agent.process is not None and not explained:
+            time.sleep(0.05)  # let the executor see the exit status, for a better message
+            reason = agent.process.poll() or reason
+        if self.keep_agents and not self.lost and unexpected:
             self.lost = f"the agent on {agent.hostname!r} was lost: {reason or 'it exited'}"
-        if not agent.finished and self.phase in (Phase.STARTING, Phase.RUNNING):
-            if agent.process is not None and not explained:
-                time.sleep(0.05)  # let the executor see the exit status, for a better message
-                reason = agent.process.poll() or reason
+        if unexpected and self.phase in (Phase.STARTING, Phase.RUNNING):
             error = AgentFailedError(agent.hostname, reason or "it exited")
             self._fail(error, str(error))
         agent.finished = True

@@ -77,6 +77,10 @@ class Session:
                 pipeline = new_pipeline(self._launcher)
                 worker = worker_settings(self._launcher, started_env=self._env)
                 supervisor = self._supervisor
+                if supervisor is not None and supervisor.lost:  # while idle
+                    self._lost, self._supervisor = supervisor.lost, None
+                    supervisor.close()
+                    supervisor = None
                 if supervisor is None:  # lost earlier: this run starts the agents again, as a cold run does
                     message = f"torchrunx: starting this session's agents again, since {self._lost}"
                     warnings.warn(message, RuntimeWarning, stacklevel=3)

@@ -1,9 +1,9 @@
 """The launcher's side of debugging: pdb sessions of paused ranks in the launcher's terminal, and
 every rank's Python stack on demand (`print_stacks`, Ctrl-\\).
 
-A `DebugConsole` belongs to one run and is served by its supervisor's selector loop: the
-terminal's standard input and a wake-up pipe (for `print_stacks` called from another thread)
-are registered there, next to the agents' connections. The messages are those of
+A supervisor's `DebugConsole` is opened for each of its runs (a warm session has many) and served
+by its selector loop: the terminal's standard input and a wake-up pipe (for `print_stacks`
+called from another thread) are registered there, next to the agents' connections. The messages are those of
 `trx_core.protocol`: a worker at a breakpoint says `WorkerPaused`; with a terminal here the
 console answers `DebuggerReply(accepted=True)`, then shows what the worker's pdb writes
 (`DebuggerOutput`) and sends it each command line typed (`DebuggerInput`), both ways through

@@ -6,10 +6,15 @@ stream them to the launcher as `LogRecord`s. The launcher hands every record to 
 per-worker files, console rendering); it is found through the ``torchrunx.log_pipelines``
 entry-point group under the name ``default`` and built from the run's `LogSettings`.
 Without it, `ConsolePipeline` prints agent 0's records to the console and writes no files.
+
+`emit` is called from the launcher's loop, which also keeps the agents' heartbeats: a
+pipeline writes local files there, but hands anything that can stall (a terminal, the
+network) to a `trx_core.background.BackgroundWriter`.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import re
@@ -18,17 +23,20 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
-from typing import Literal, Protocol, TextIO
+from typing import Literal, Protocol, TextIO, TypeVar
 
 from . import plugins
+from .background import BackgroundWriter
 from .errors import ConfigurationError
 
 __all__ = [
+    "CONSOLE_QUEUE",
     "ConsolePipeline",
     "LogPipeline",
     "LogRecord",
     "LogSettings",
     "RunInfo",
+    "console_writer",
     "log_level_from_env",
     "resolve_log_pipeline",
     "terminal_safe",
@@ -99,7 +107,7 @@ class LogPipeline(Protocol):
         ...
 
     def emit(self, record: LogRecord) -> None:
-        """Handle one record. Blocking here slows the run's output down; nothing is dropped."""
+        """Handle one record, promptly: the launcher's loop, heartbeats included, waits for it."""
         ...
 
     def close(self) -> None:
@@ -125,29 +133,81 @@ def terminal_safe(text: str) -> str:
     return "".join(p + s for p, s in zip(safe, [*sgrs, ""], strict=True)) + "\x1b[0m"
 
 
+CONSOLE_QUEUE = 4 << 20
+"""How much console output (about, in bytes) waits for a slow or paused terminal before lines
+are dropped (the log files, if any, keep them)."""
+
+L = TypeVar("L")
+
+
+def console_writer(
+    name: str, text: Callable[[L], str], size: Callable[[L], int], note: Callable[[int], tuple[TextIO, L]]
+) -> BackgroundWriter[tuple[TextIO, L]]:
+    """A `BackgroundWriter` of (stream, line) pairs for a console, on a thread named `name`.
+
+    ``text(line)`` renders a line, on the writer's thread. The stream is the one the caller
+    picks when it puts the line, so that `contextlib.redirect_stdout` around a run applies.
+    ``size(line)`` is about its bytes, `CONSOLE_QUEUE` in all may wait. ``note(count)`` is
+    the line shown for `count` lines that were not. A console that fails (a pipe closed by
+    ``| head``) is reported once on stderr and written no more; the run goes on.
+    """
+
+    def write(item: tuple[TextIO, L]) -> None:
+        stream, line = item
+        stream.write(text(line) + "\n")
+        stream.flush()
+
+    def report(error: Exception) -> None:
+        with contextlib.suppress(Exception):
+            print(f"torchrunx: the console failed ({error!r}); no more lines shown", file=sys.__stderr__)
+
+    return BackgroundWriter(
+        name,
+        write,
+        note,
+        capacity=CONSOLE_QUEUE,
+        size=lambda item: 256 + size(item[1]),  # 256: about what a queued line costs besides its text
+        on_error=report,
+        finish_at_exit=True,
+    )
+
+
 class ConsolePipeline:
-    """Prints agent 0's records (the agent's messages and its local worker 0) to a stream."""
+    """Prints agent 0's records (the agent's messages and its local worker 0) to a stream.
+
+    Printed by a thread of its own (a paused terminal does not stop the run): when the
+    console falls more than `CONSOLE_QUEUE` behind, lines are dropped and a note says how many.
+    """
 
     def __init__(self, stream: TextIO | None = None, console: Literal["stdout", "stderr"] | None = "stdout") -> None:
         self._stream = stream
         self._console = console
         self._host0 = ""
+        self._writer: BackgroundWriter[tuple[TextIO, str]] | None = None
+        self._last_stream: TextIO = sys.stderr  # where a note goes: the stream of the lines it replaces
 
     def open(self, run: RunInfo) -> None:
         self._host0 = run.hostnames[0]
+        if self._console is not None:
+            self._writer = console_writer("torchrunx-console", terminal_safe, len, self._note)
 
     def emit(self, record: LogRecord) -> None:
-        if record.hostname != self._host0 or record.local_rank not in (None, 0) or self._console is None:
+        if record.hostname != self._host0 or record.local_rank not in (None, 0) or self._writer is None:
             return
-        who = "agent" if record.rank is None else f"rank {record.rank}"
-        stream = self._stream or getattr(sys, self._console)
+        stream = self._stream or getattr(sys, self._console or "stdout")
         if stream is None:  # no standard stream at all (e.g. started with `>&-`)
             return
-        stream.write(terminal_safe(f"[{record.hostname} {who}] {record.message}") + "\n")
-        stream.flush()
+        who = "agent" if record.rank is None else f"rank {record.rank}"
+        self._last_stream = stream
+        self._writer.put((stream, f"[{record.hostname} {who}] {record.message}"))
 
     def close(self) -> None:
-        pass
+        writer, self._writer = self._writer, None
+        if writer is not None:
+            writer.close()
+
+    def _note(self, count: int) -> tuple[TextIO, str]:
+        return self._last_stream, f"[torchrunx] {count} lines not shown: the console did not keep up"
 
 
 PipelineFactory = Callable[[LogSettings], LogPipeline]

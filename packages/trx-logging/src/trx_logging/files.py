@@ -5,6 +5,11 @@ worker, where ``<start>`` is the run's start in ISO 8601 with microseconds (so n
 time). Every file is created with ``O_EXCL``: if another run already owns one of the names
 (it started in the same microsecond), this run gives back what it created and tries the
 next microsecond, so two runs never write into the same file.
+
+Logs hold whatever the workers print (tokens, paths, data), so they are private: files
+0600 and the folders torchrunx creates 0700, whatever the umask. ``$TORCHRUNX_LOG_MODE``
+(e.g. ``0640``) sets the files' mode, and the folders' follows (read adds search: ``0750``);
+a folder that exists already keeps its mode.
 """
 
 from __future__ import annotations
@@ -16,7 +21,10 @@ from pathlib import Path
 
 from trx_core import ConfigurationError
 
-__all__ = ["RunFiles"]
+__all__ = ["LOG_MODE_VAR", "RunFiles", "create_folder", "file_mode_from_env"]
+
+LOG_MODE_VAR = "TORCHRUNX_LOG_MODE"
+PRIVATE = 0o600
 
 FileKey = tuple[str, "int | None"]  # (hostname, local rank); None: the agent's file
 
@@ -27,19 +35,27 @@ _MAX_TRIES = 10_000
 class RunFiles:
     """The open files of one run, by (hostname, local rank). Owns the descriptors: `close()`."""
 
-    def __init__(self, folder: Path, stem: str, fds: dict[FileKey, int], suffix: str) -> None:
+    def __init__(self, folder: Path, stem: str, fds: dict[FileKey, int], suffix: str, mode: int) -> None:
         self.folder = folder
         self.stem = stem
         self._fds = fds
         self._keys = list(fds)  # every file of the run, also once closed
         self._suffix = suffix
+        self._mode = mode
 
     @classmethod
     def claim(
-        cls, folder: Path, start: datetime, hostnames: Sequence[str], workers_per_host: Sequence[int], suffix: str
+        cls,
+        folder: Path,
+        start: datetime,
+        hostnames: Sequence[str],
+        workers_per_host: Sequence[int],
+        suffix: str,
+        mode: int = PRIVATE,
     ) -> RunFiles:
-        """Create every file of a run in `folder`, under the first free start-time stem."""
-        folder.mkdir(parents=True, exist_ok=True)
+        """Create every file of a run in `folder` (created if needed), under the first free
+        start-time stem; files with permissions `mode`, new folders with `folder_mode(mode)`."""
+        create_folder(folder, folder_mode(mode))
         keys: list[FileKey] = []
         for host, count in zip(hostnames, workers_per_host, strict=True):
             keys.append((host, None))
@@ -47,9 +63,9 @@ class RunFiles:
         _refuse_shared_names(keys, suffix)
         for bump in range(_MAX_TRIES):
             stem = (start + timedelta(microseconds=bump)).isoformat(timespec="microseconds")
-            fds = _create_all(folder, [(key, file_name(stem, *key, suffix)) for key in keys])
+            fds = _create_all(folder, [(key, file_name(stem, *key, suffix)) for key in keys], mode)
             if fds is not None:
-                return cls(folder, stem, fds, suffix)
+                return cls(folder, stem, fds, suffix, mode)
         raise FileExistsError(f"no free log file names in {folder} for a run started at {start}")
 
     def fd(self, hostname: str, local_rank: int | None) -> int:
@@ -58,7 +74,7 @@ class RunFiles:
         fd = self._fds.get(key)
         if fd is None:
             path = self.folder / file_name(self.stem, hostname, local_rank, self._suffix)
-            fd = self._fds[key] = os.open(path, _FLAGS & ~os.O_EXCL, 0o644)
+            fd = self._fds[key] = _open(path, _FLAGS & ~os.O_EXCL, self._mode)
             if key not in self._keys:
                 self._keys.append(key)
         return fd
@@ -75,6 +91,44 @@ class RunFiles:
         fds, self._fds = self._fds, {}
         for fd in fds.values():
             os.close(fd)
+
+
+def file_mode_from_env() -> int:
+    """The log files' permissions: ``$TORCHRUNX_LOG_MODE`` (octal, e.g. ``0640``), else 0600."""
+    value = os.environ.get(LOG_MODE_VAR, "").strip()
+    if not value:
+        return PRIVATE
+    try:
+        mode = int(value, 8)
+    except ValueError:
+        mode = -1
+    if not 0 <= mode <= 0o777 or mode & PRIVATE != PRIVATE:
+        raise ConfigurationError(
+            f"{LOG_MODE_VAR}={value!r} is not a mode for log files: use octal permissions that let the owner read "
+            "and write, e.g. 0600 (the default) or 0640"
+        )
+    return mode
+
+
+def folder_mode(file_mode: int) -> int:
+    """The mode of a folder of files with `file_mode`: who may read the files may list the folder."""
+    return file_mode | (file_mode & 0o444) >> 2
+
+
+def create_folder(folder: Path, mode: int) -> None:
+    """Create `folder` and its missing parents with exactly `mode` (the umask does not apply);
+    folders that exist keep theirs."""
+    missing = []
+    for path in (folder, *folder.parents):
+        if path.exists():
+            break
+        missing.append(path)
+    for path in reversed(missing):
+        try:
+            os.mkdir(path, mode)
+        except FileExistsError:
+            continue  # made meanwhile by someone else (another run): theirs
+        os.chmod(path, mode)
 
 
 def file_name(stem: str, hostname: str, local_rank: int | None, suffix: str) -> str:
@@ -97,13 +151,23 @@ def _refuse_shared_names(keys: list[FileKey], suffix: str) -> None:
             )
 
 
-def _create_all(folder: Path, named: list[tuple[FileKey, str]]) -> dict[FileKey, int] | None:
+def _open(path: Path, flags: int, mode: int) -> int:
+    fd = os.open(path, flags, mode)
+    try:
+        os.fchmod(fd, mode)  # exactly `mode`: os.open's is masked by the umask
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+def _create_all(folder: Path, named: list[tuple[FileKey, str]], mode: int) -> dict[FileKey, int] | None:
     # Always in the same (sorted) order, so of two runs racing for the same names, the one
     # that loses the first contested name backs off having taken none of the other's.
     fds: dict[FileKey, int] = {}
     try:
         for key, name in sorted(named, key=lambda kn: kn[1]):
-            fds[key] = os.open(folder / name, _FLAGS, 0o644)
+            fds[key] = _open(folder / name, _FLAGS, mode)
     except FileExistsError:
         for key, fd in fds.items():
             os.close(fd)

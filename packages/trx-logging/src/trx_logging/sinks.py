@@ -3,9 +3,11 @@
 A sink is either a callable that receives each `trx_core.LogRecord` (host, rank, local
 rank, stream, level, message, logger), or a `logging.Handler` that receives each record as
 a `logging.LogRecord` with the extra attributes ``hostname``, ``rank``, ``local_rank`` and
-``stream``. Sinks are called in the launcher process, in order per worker; a slow sink slows
-the run's output down (nothing is dropped). A sink that raises is reported on stderr and
-gets no more records of that run; the run goes on.
+``stream``. Sinks are called in the launcher process, in order per worker, each on a thread
+of its own (``torchrunx-sink ...``) fed by a bounded queue, so that a slow or hung sink never
+holds the run up: when one falls `SINK_QUEUE` (about, in bytes) behind, records are dropped
+for it, and a line on stderr says how many when it catches up (the log files keep them). A
+sink that raises is reported on stderr and gets no more records of that run; the run goes on.
 
 Records below ``$TORCHRUNX_LOG_LEVEL`` (Python logging records and the agent's messages)
 never reach a sink; captured output (``stream`` ``stdout`` / ``stderr``) always does.
@@ -14,13 +16,18 @@ never reach a sink; captured output (``stream`` ``stdout`` / ``stderr``) always 
 from __future__ import annotations
 
 import logging
+import sys
 import threading
+import traceback
 from collections.abc import Callable
 from types import TracebackType
 
 from trx_core import LogRecord
+from trx_core.background import BackgroundWriter
 
-__all__ = ["Sink", "SinkRegistration", "add_sink", "registered_sinks"]
+__all__ = ["SINK_QUEUE", "Sink", "SinkRegistration", "add_sink", "registered_sinks", "sink_writer"]
+
+SINK_QUEUE = 4 << 20
 
 Sink = Callable[[LogRecord], object] | logging.Handler
 
@@ -101,3 +108,35 @@ def _handler_sink(handler: logging.Handler) -> Callable[[LogRecord], object]:
         handler.handle(converted)
 
     return emit
+
+
+def sink_writer(sink: Callable[[LogRecord], object]) -> BackgroundWriter[LogRecord | int]:
+    """A thread that calls `sink` with each record put, and reports on stderr the records it
+    dropped (an int in the queue: how many) and a sink that raised."""
+    name = getattr(sink, "__qualname__", type(sink).__qualname__)
+
+    def write(item: LogRecord | int) -> None:
+        if isinstance(item, LogRecord):
+            sink(item)
+        else:
+            print(
+                f"torchrunx: log sink {sink!r} did not keep up: {item} records were not sent to it "
+                "(the log files, if any, have them)",
+                file=sys.stderr,
+            )
+
+    def report(error: Exception) -> None:
+        # Like a failing logging.Handler: said on stderr, and the run goes on (a broken metrics
+        # sink must not kill a training run); dropped for the rest of the run, or a flood of
+        # records would print a flood of tracebacks.
+        print(f"torchrunx: log sink {sink!r} failed and gets no more records of this run:", file=sys.stderr)
+        traceback.print_exception(type(error), error, error.__traceback__)
+
+    return BackgroundWriter(
+        f"torchrunx-sink {name}",
+        write,
+        lambda count: count,
+        capacity=SINK_QUEUE,
+        size=lambda item: 256 + len(item.message) if isinstance(item, LogRecord) else 0,
+        on_error=report,
+    )

@@ -14,6 +14,7 @@ import logging
 import os
 import selectors
 import signal
+import socket
 import time
 from collections.abc import Iterator
 from typing import TYPE_CHECKING
@@ -48,6 +49,9 @@ __all__ = ["AgentLoop"]
 
 _READ_SIZE = 1 << 16
 _MAX_DRAIN_READS = 256  # 16 MiB
+# Text of one `Logs` frame: at most 4 bytes a character in UTF-8, so 16 MiB, a quarter of the
+# limit of a frame's message. A line is at most 64 KiB (output) or 16 MiB (a logging record).
+_MAX_BATCH_CHARS = 4 * 2**20
 # Sent to the agent itself, they go on to its workers: SLURM signals every step of a job with
 # `sbatch --signal=USR1@60` or `scancel --signal=USR1`, and with the srun executor an agent is a
 # step. (SIGTERM stays the agent's own: it stops the agent, see trx_core.agent.)
@@ -167,8 +171,14 @@ class AgentLoop:
     def _from_worker_control(self, worker: ForkedWorker) -> None:
         try:
             message, blob_len = worker.control.recv_header()
-        except ChannelClosed:
-            self.selector.unregister(worker.control.fileno())
+        except ChannelClosed as e:
+            if _at_end(worker.control):  # the worker closed its end: it is ending
+                self.selector.unregister(worker.control.fileno())
+            else:
+                self._kill_worker(worker, str(e))
+            return
+        except Exception as e:  # a header that does not unpickle: garbage written into the socket
+            self._kill_worker(worker, f"{type(e).__name__}: {e}")
             return
         match message:
             case WorkerLog(created, level, logger, text):
@@ -178,6 +188,22 @@ class AgentLoop:
                 self._flush_logs()
                 if not self.channel.forward(message, blob_len, worker.control):
                     self.channel.send(DiscardResult(worker.spec.local_rank))  # the worker died mid-send
+
+    def _kill_worker(self, worker: ForkedWorker, problem: str) -> None:
+        """Kill a worker whose control socket is out of step (a frame too large, or garbled): it
+        would otherwise block forever writing the rest of it, and its peers with it."""
+        self.selector.unregister(worker.control.fileno())
+        spec = worker.spec
+        because = f"it sent a malformed or oversize message ({problem})"
+        if worker.pid in self.ended:  # reaped already: its pid may be another process's by now
+            self._agent_log(f"worker rank {spec.rank} (local rank {spec.local_rank}) ended; {because}", logging.ERROR)
+            return
+        worker.killed_because = because
+        self._agent_log(
+            f"killing worker rank {spec.rank} (local rank {spec.local_rank}) because {because}", logging.ERROR
+        )
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(worker.pid, signal.SIGKILL)
 
     def _read_output_now(self, worker: ForkedWorker) -> None:
         """Take what is in the worker's pipes already: lines and log records arrive by two ways
@@ -220,6 +246,8 @@ class AgentLoop:
             self.ended.add(pid)
             self._drain_worker(worker)
             how = processes.describe_wait_status(status)
+            if worker.killed_because:
+                how += f": the agent killed it because {worker.killed_because}"
             spec = worker.spec
             level = logging.INFO if how == "exit code 0" else logging.ERROR
             self._agent_log(f"worker rank {spec.rank} (local rank {spec.local_rank}) ended: {how}", level)
@@ -265,7 +293,8 @@ class AgentLoop:
     def _flush_logs(self) -> None:
         if self.pending_logs:
             lines, self.pending_logs = self.pending_logs, []
-            self.channel.send(Logs(tuple(lines)))
+            for batch in _batches(lines):
+                self.channel.send(Logs(batch))
 
     # -- teardown ---------------------------------------------------------------------
     def stop(self, reason: str) -> None:
@@ -320,6 +349,31 @@ class AgentLoop:
         self.selector.close()
         for fd in (self._wake_r, self._wake_w):
             os.close(fd)
+
+
+def _at_end(channel: Channel) -> bool:
+    """Whether the peer of `channel` has closed it (or reset it), as opposed to being still there
+    with more to say."""
+    try:
+        return channel.sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT) == b""
+    except BlockingIOError:
+        return False
+    except OSError:
+        return True
+
+
+def _batches(lines: list[LogLine]) -> Iterator[tuple[LogLine, ...]]:
+    """`lines` in consecutive batches of at most `_MAX_BATCH_CHARS` characters of text (or one
+    line, if longer), each one `Logs` frame: well under the limit of a frame's message, whatever
+    the lines (a flood of output, big logging records)."""
+    start, size = 0, 0
+    for i, line in enumerate(lines):
+        length = len(line.message) + len(line.logger)
+        if size + length > _MAX_BATCH_CHARS and i > start:
+            yield tuple(lines[start:i])
+            start, size = i, 0
+        size += length
+    yield tuple(lines[start:])
 
 
 @contextlib.contextmanager

@@ -37,10 +37,24 @@ from .channel import Channel
 from .logs import log_level_from_env
 from .protocol import Message, WorkerLog, WorkerRaised, WorkerResult, WorkerSpec, WorkerStarted
 
-__all__ = ["ForkedWorker", "fork_worker"]
+__all__ = ["MAX_LOG_MESSAGE_BYTES", "ForkedWorker", "LogMessageTooLargeError", "fork_worker"]
 
 # Exit code of a worker whose function raised (the exception itself travels separately).
 EXIT_RAISED = 1
+
+MAX_LOG_MESSAGE_BYTES = 16 * 2**20
+"""The largest logging message (UTF-8) a worker sends its agent: a record is one frame of the
+control socket, and a frame's message is limited (64 MiB) so that a garbled length cannot make
+its reader allocate without bound. Output printed to stdout or stderr has no such limit (long
+lines are cut into records)."""
+
+# The text of an exception and its traceback, sent for the logs and the launcher's error, keep
+# this many characters (their start and end): the exception itself travels whole, in the blob.
+_MAX_REPORT_CHARS = 1 << 20
+
+
+class LogMessageTooLargeError(ValueError):
+    """Raised by a logging call in a worker whose message is over `MAX_LOG_MESSAGE_BYTES`."""
 
 
 @dataclass
@@ -52,6 +66,7 @@ class ForkedWorker:
     control: Channel
     stdout: int
     stderr: int
+    killed_because: str = ""  # why the agent killed it, if it did
 
 
 def fork_worker(spec: WorkerSpec, payload: bytes | bytearray, keep_fds: tuple[int, ...] = ()) -> ForkedWorker:
@@ -150,9 +165,29 @@ class _ChannelLogHandler(logging.Handler):
             if self._channel.silent:  # in a process the worker forked: its output is captured anyway
                 print(message, file=sys.stderr, flush=True)
             else:
+                _check_size(record, message)
                 self._channel.send(WorkerLog(record.created, record.levelno, record.name, message))
         except Exception:
             self.handleError(record)
+
+    def handleError(self, record: logging.LogRecord) -> None:
+        """Let a message too large to send fail the logging call, where the user can see which
+        one it was: logging's own handling would print a traceback to stderr and go on without it."""
+        if isinstance(sys.exc_info()[1], LogMessageTooLargeError):
+            raise  # we are in emit's except clause: this re-raises the error
+        super().handleError(record)
+
+
+def _check_size(record: logging.LogRecord, message: str) -> None:
+    if len(message) <= MAX_LOG_MESSAGE_BYTES // 4:  # UTF-8 takes at most 4 bytes a character
+        return
+    size = len(message.encode("utf-8", "surrogatepass"))  # as pickle encodes it
+    if size > MAX_LOG_MESSAGE_BYTES:
+        raise LogMessageTooLargeError(
+            f"a logging message of {size:,} bytes (logger {record.name!r}, level {record.levelname}) is over "
+            f"torchrunx's limit of {MAX_LOG_MESSAGE_BYTES:,} bytes for one message from a worker: write large "
+            "data to a file (and log its path), or print it (printed output has no limit; long lines are cut)"
+        )
 
 
 def _printed_to_a_standard_stream(record: logging.LogRecord) -> bool:
@@ -252,7 +287,7 @@ def _end_forked_child(raised: BaseException | None) -> NoReturn:
 
 
 def _send_exception(control: _LockedChannel, spec: WorkerSpec, exc: BaseException) -> None:
-    text = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
+    text = _clip("".join(traceback.format_exception(type(exc), exc, exc.__traceback__)))
     if not isinstance(exc, SystemExit):  # Python prints no traceback for an exit
         # Into the worker's log too, where whoever reads the log of this rank looks for it.
         control.send(WorkerLog(time.time(), logging.ERROR, "torchrunx", f"rank {spec.rank} raised:\n{text.rstrip()}"))
@@ -262,7 +297,15 @@ def _send_exception(control: _LockedChannel, spec: WorkerSpec, exc: BaseExceptio
         blob = _pickling.dumps_exception(exc)
     except Exception:
         blob = []  # the launcher raises a WorkerError with the type name and text instead
-    control.send(WorkerRaised(spec.local_rank, type(exc).__qualname__, _safe_str(exc), text), *blob)
+    control.send(WorkerRaised(spec.local_rank, type(exc).__qualname__, _clip(_safe_str(exc)), text), *blob)
+
+
+def _clip(text: str) -> str:
+    """`text`, or its start and end if it is longer than a message to the agent may be."""
+    if len(text) <= _MAX_REPORT_CHARS:
+        return text
+    half = _MAX_REPORT_CHARS // 2
+    return f"{text[:half]}\n[... {len(text) - 2 * half:,} characters cut by torchrunx ...]\n{text[-half:]}"
 
 
 def _safe_str(obj: object) -> str:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -247,3 +248,65 @@ def wait_until_gone_except(tag: str, keep: int, seconds: float) -> list[int]:
     while (left := [p for p in processes_with_tag(tag) if p != keep]) and time.monotonic() < end:
         time.sleep(0.05)
     return left
+
+
+def say_running_then_sleep(folder: str, seconds: float) -> None:
+    Path(folder, os.environ["RANK"]).touch()
+    time.sleep(seconds)
+
+
+def _destroy_tcp_sockets(*filter_and_prefix: str, netns: str | None = None) -> list[str]:
+    """Destroy the TCP sockets that match an `ss` filter (in `netns`): their owner's next call on
+    one fails (ECONNABORTED) and its peer gets a reset. The lines of the sockets destroyed."""
+    prefix = ["ip", "netns", "exec", netns] if netns else []
+    done = subprocess.run([*prefix, "ss", "-K", "-t", "-n", *filter_and_prefix], capture_output=True, text=True)
+    return [line for line in done.stdout.splitlines()[1:] if line.strip()]
+
+
+def _can_destroy_sockets() -> bool:
+    """Whether `ss -K` works here (root, and a kernel with CONFIG_INET_DIAG_DESTROY)."""
+    if os.geteuid() != 0 or not shutil.which("ss"):
+        return False
+    with socket.create_server(("127.0.0.1", 0)) as server:
+        port = server.getsockname()[1]
+        with socket.create_connection(("127.0.0.1", port)):
+            server.accept()[0].close()
+            return bool(_destroy_tcp_sockets("dst", "127.0.0.1", "dport", "=", f":{port}"))
+
+
+def _netns_pids(netns: str) -> list[int]:
+    done = subprocess.run(["ip", "netns", "pids", netns], capture_output=True, text=True)
+    return [int(pid) for pid in done.stdout.split()]
+
+
+@pytest.mark.timeout(180)
+@pytest.mark.parametrize("where", ["local", pytest.param("ssh", marks=pytest.mark.multihost)])
+def test_an_agent_whose_connection_is_reset_is_reported_as_a_lost_connection(
+    local: dict[str, Any], tag: str, tmp_path: Path, request: pytest.FixtureRequest, where: str
+) -> None:
+    if not _can_destroy_sockets():
+        pytest.skip("ss -K cannot reset a connection here (needs root and CONFIG_INET_DIAG_DESTROY)")
+    netns = None
+    fields = dict(local, workers_per_host=2)
+    if where == "ssh":
+        bed = request.getfixturevalue("multihost_bed")
+        fields.update(hostnames=bed.aliases, ssh_config_file=bed.ssh_config, timeout=60)
+        netns = bed.hosts[1].netns  # the agent that does not host the rendezvous store
+    running = tmp_path / "running"
+    running.mkdir()
+    run = RunInThread(say_running_then_sleep, func_args=(str(running), 60.0), **fields)
+    _wait_for(lambda: len(list(running.iterdir())) == 2 * len(fields["hostnames"]))
+    candidates = _agents(tag) if netns is None else [p for p in _agents(tag) if p in _netns_pids(netns)]
+    argv = _cmdline(candidates[0])
+    address, _, port = argv[argv.index("--launcher") + 1].rpartition(":")
+    reset = _destroy_tcp_sockets("dst", address.strip("[]"), "dport", "=", f":{port}", netns=netns)
+    reset_at = time.monotonic()
+    assert len(reset) == 1, reset  # the agent's connection to the launcher, and nothing else
+    outcome = run.join(60)
+    error = outcome.get("error")
+    assert isinstance(error, trx.AgentFailedError), error
+    assert "connection to the launcher" in str(error) and "exit code 0" not in str(error), str(error)
+    assert time.monotonic() - reset_at < 15
+    assert not wait_until_gone(tag, 5.0)
+    if where == "ssh":
+        assert not bed.wait_no_leftovers(5.0)

@@ -121,8 +121,8 @@ class AgentLoop:
         """Handle one message; a reason to stop ("" when asked to), or None to go on."""
         try:
             message, payload = self.channel.recv()
-        except ChannelClosed:
-            return "its connection to the launcher was lost"
+        except ChannelClosed as e:
+            return f"its connection to the launcher {e.how()}"
         match message:
             case StartWorkers(workers):
                 self._start_workers(workers, payload)

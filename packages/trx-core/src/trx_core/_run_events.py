@@ -30,7 +30,7 @@ from .errors import (
     worker_exception,
 )
 from .executor import AgentProcess
-from .gate import AgentGate, Arrival
+from .gate import Arrival
 from .logs import LogPipeline, LogRecord, RunInfo
 from .protocol import (
     AgentStopped,
@@ -122,7 +122,6 @@ class RunEvents:
     keep_agents: bool
     lost: str
     interrupted: bool
-    gate: AgentGate | None
     agents: list[AgentHandle]
     placement: list[tuple[str, int]]  # rank -> (hostname, local rank)
     results: dict[int, bytearray]
@@ -171,9 +170,6 @@ class RunEvents:
             self._send(agent, Stop())
         if all(a.hello is not None for a in self.agents):
             self._phase_done("agents connected")
-            if self.gate is not None:  # nobody else is to come: stop listening
-                self.gate.close()
-                self.gate = None
 
     def _agent_ready(self, agent: AgentHandle, ready: Ready) -> None:
         agent.ready = ready
@@ -211,8 +207,8 @@ class RunEvents:
         assert agent.channel is not None
         try:
             message, blob = agent.channel.recv()
-        except ChannelClosed:
-            self._agent_gone(agent, "its connection to the launcher closed")
+        except ChannelClosed as e:
+            self._agent_gone(agent, f"its connection to the launcher {e.how()}")
             return
         match message:
             case Ready():

@@ -48,7 +48,14 @@ _DIGEST = hashlib.sha256
 
 
 class ChannelClosed(ConnectionError):
-    """The peer closed the connection (or died)."""
+    """The peer closed the connection (or died), or the connection was reset or aborted."""
+
+    def how(self) -> str:
+        """How the connection ended, for an error message: "closed", or the reset or abort."""
+        cause = self.__cause__
+        if isinstance(cause, OSError) and cause.strerror:
+            return f"was lost ({cause.strerror.lower()})"
+        return "closed"
 
 
 class AuthenticationFailed(ConnectionError):
@@ -151,7 +158,7 @@ class Channel:
                 for part in blob:
                     self.sock.sendall(part)
                     self.last_sent = time.monotonic()
-            except (BrokenPipeError, ConnectionResetError) as e:
+            except ConnectionError as e:
                 raise ChannelClosed(str(e)) from e
 
     def recv(self) -> tuple[Message, bytearray]:
@@ -159,7 +166,7 @@ class Channel:
         message, blob_len = self.recv_header()
         try:
             blob = _recv_exactly(self.sock, blob_len, self._heard) if blob_len else bytearray()
-        except ConnectionResetError as e:
+        except ConnectionError as e:
             raise ChannelClosed(str(e)) from e
         return message, blob
 
@@ -171,7 +178,7 @@ class Channel:
             if head_len > _MAX_HEADER:
                 raise ChannelClosed(f"malformed frame (header of {head_len} bytes)")
             message: Message = pickle.loads(_recv_exactly(self.sock, head_len))
-        except ConnectionResetError as e:
+        except ConnectionError as e:
             raise ChannelClosed(str(e)) from e
         self.last_received = time.monotonic()
         return message, blob_len
@@ -194,7 +201,7 @@ class Channel:
         while left:
             try:
                 n = source.sock.recv_into(buf, min(left, len(buf)))
-            except ConnectionResetError:
+            except ConnectionError:
                 n = 0
             if n == 0:
                 buf[:] = bytes(len(buf))
@@ -207,7 +214,7 @@ class Channel:
     def _send_all(self, data: memoryview) -> int:
         try:
             self.sock.sendall(data)
-        except (BrokenPipeError, ConnectionResetError) as e:
+        except ConnectionError as e:
             raise ChannelClosed(str(e)) from e
         self.last_sent = time.monotonic()
         return len(data)
@@ -216,7 +223,7 @@ class Channel:
         head = pickle.dumps(message, protocol=pickle.HIGHEST_PROTOCOL)
         try:
             self.sock.sendall(_PREFIX.pack(len(head), blob_len) + head)
-        except (BrokenPipeError, ConnectionResetError) as e:
+        except ConnectionError as e:
             raise ChannelClosed(str(e)) from e
         self.last_sent = time.monotonic()
 

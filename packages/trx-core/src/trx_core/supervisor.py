@@ -454,5 +454,5 @@ class Supervisor(RunEvents):
         assert agent.channel is not None
         try:
             agent.channel.send(message, *blob)  # type: ignore[arg-type]
-        except ChannelClosed:
-            self._agent_gone(agent, "its connection to the launcher closed")
+        except ChannelClosed as e:
+            self._agent_gone(agent, f"its connection to the launcher {e.how()}")

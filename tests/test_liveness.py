@@ -305,7 +305,7 @@ def test_an_agent_whose_connection_is_reset_is_reported_as_a_lost_connection(
     outcome = run.join(60)
     error = outcome.get("error")
     assert isinstance(error, trx.AgentFailedError), error
-    assert "connection to the launcher" in str(error) and "exit code 0" not in str(error), str(error)
+    assert "connection to the launcher was lost" in str(error) and "exit code 0" not in str(error), str(error)
     assert time.monotonic() - reset_at < 15
     assert not wait_until_gone(tag, 5.0)
     if where == "ssh":

@@ -152,10 +152,16 @@ def console_writer(
     ``| head``) is reported once on stderr and written no more; the run goes on.
     """
 
-    def write(item: tuple[TextIO, L]) -> None:
-        stream, line = item
-        stream.write(text(line) + "\n")
-        stream.flush()
+    def write(batch: list[tuple[TextIO, L]]) -> None:
+        # One write and one flush per stream and batch: the fewer system calls, the fewer
+        # times the launcher's loop waits for the GIL back.
+        start = 0
+        for end in range(1, len(batch) + 1):
+            if end == len(batch) or batch[end][0] is not batch[start][0]:
+                stream = batch[start][0]
+                stream.write("".join(text(line) + "\n" for _, line in batch[start:end]))
+                stream.flush()
+                start = end
 
     def report(error: Exception) -> None:
         with contextlib.suppress(Exception):

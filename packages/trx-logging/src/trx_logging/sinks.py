@@ -115,15 +115,16 @@ def sink_writer(sink: Callable[[LogRecord], object]) -> BackgroundWriter[LogReco
     dropped (an int in the queue: how many) and a sink that raised."""
     name = getattr(sink, "__qualname__", type(sink).__qualname__)
 
-    def write(item: LogRecord | int) -> None:
-        if isinstance(item, LogRecord):
-            sink(item)
-        else:
-            print(
-                f"torchrunx: log sink {sink!r} did not keep up: {item} records were not sent to it "
-                "(the log files, if any, have them)",
-                file=sys.stderr,
-            )
+    def write(batch: list[LogRecord | int]) -> None:
+        for item in batch:
+            if isinstance(item, LogRecord):
+                sink(item)
+            else:
+                print(
+                    f"torchrunx: log sink {sink!r} did not keep up: {item} records were not sent to it "
+                    "(the log files, if any, have them)",
+                    file=sys.stderr,
+                )
 
     def report(error: Exception) -> None:
         # Like a failing logging.Handler: said on stderr, and the run goes on (a broken metrics

@@ -200,12 +200,7 @@ class Supervisor(RunEvents):
         Returns the start-up phases."""
         try:
             self._loop_until(lambda: self.phase is not Phase.STARTING)
-            if self.signals:
-                raise self._interruption()
-            if self.failures:
-                raise combine_failures(self.failures)
-            if self.interrupted:
-                raise KeyboardInterrupt
+            self._raise_if_cut_short()
             return dict(self.phases)
         finally:
             self.signal_catcher.release()
@@ -232,12 +227,7 @@ class Supervisor(RunEvents):
             self._close_pipeline()
             if self.keep_agents:
                 self.signal_catcher.release()
-        if self.signals:
-            raise self._interruption()
-        if self.failures:
-            raise combine_failures(self.failures)
-        if self.interrupted:
-            raise KeyboardInterrupt
+        self._raise_if_cut_short()
         self._phase_done("returned")
         return decode_results(self.results, self.placement, self.phases)
 
@@ -284,6 +274,15 @@ class Supervisor(RunEvents):
         if self._pipeline_open:
             self._pipeline_open = False
             self.pipeline.close()
+
+    def _raise_if_cut_short(self) -> None:
+        """Raise what ended the run early: a signal, a failure, or Ctrl-C (in a session)."""
+        if self.signals:
+            raise self._interruption()
+        if self.failures:
+            raise combine_failures(self.failures)
+        if self.interrupted:
+            raise KeyboardInterrupt
 
     def _interruption(self) -> BaseException:
         return interruption(

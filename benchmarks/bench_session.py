@@ -378,7 +378,7 @@ def memory_of(pids: list[int]) -> list[ProcMemory]:
         command = commands[pid]
         parent = table[pid].ppid if pid in table else 0
         if parent in commands and commands[parent] == command:
-            command = f"fork of {parent} (a store's process, or a worker still exiting)"
+            command = f"fork of {parent} (on agent 0: the stores of the coming runs)"
         rss = next((int(line.split()[1]) for line in status.splitlines() if line.startswith("VmRSS:")), 0)
         pss = None
         with contextlib.suppress(OSError, StopIteration):

@@ -39,7 +39,7 @@ def test_the_site_builds_with_warnings_as_errors_and_has_every_page(site: Path) 
     pages = {p.stem for p in site.glob("*.html")}
     expected = {"index", "getting-started", "examples", "launching", "cli", "logs", "environment", "failures"}
     expected |= {"multiple-machines", "executors", "embedding", "how-it-works", "api", "porting-from-torchrun"}
-    expected |= {"debugging"}
+    expected |= {"sessions", "debugging"}
     assert expected <= pages
 
 

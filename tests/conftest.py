@@ -60,6 +60,13 @@ def local(tmp_path: Path) -> dict[str, object]:
     return {"hostnames": ["localhost"], "backend": "gloo", "logs": tmp_path / "logs"}
 
 
+heavy = pytest.mark.skipif(
+    os.environ.get("TORCHRUNX_HEAVY_TESTS") != "1",
+    reason="a minute or more: runs in its own CI step, ./dev hatch run integrations:test",
+)
+"""Marks a test too long for the main suite (which must stay under 15 minutes)."""
+
+
 # --- multi-host test bed (network namespaces with sshd; see tests/multihost.py) ---------------
 def _in_ci() -> bool:
     return os.environ.get("CI", "").lower() in ("1", "true", "yes")

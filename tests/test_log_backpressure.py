@@ -21,6 +21,7 @@ import pexpect
 import pytest
 
 import torchrunx as trx
+from conftest import heavy
 from trx_core import ConsolePipeline, RunInfo
 from trx_logging import LogLayout, add_sink
 
@@ -85,6 +86,7 @@ LAUNCH_SCRIPT = """\
 """
 
 
+@heavy
 @pytest.mark.timeout(300)
 def test_a_console_paused_for_60_s_does_not_fail_the_run_or_lose_file_lines(tmp_path: Path) -> None:
     # A real terminal: the launcher's stdout is a pty, paused with Ctrl-S (XOFF) and not read
@@ -127,6 +129,7 @@ def test_a_console_paused_for_60_s_does_not_fail_the_run_or_lose_file_lines(tmp_
     assert shown_numbers == sorted(shown_numbers) and len(set(shown_numbers)) == len(shown_numbers)
 
 
+@heavy
 @pytest.mark.timeout(200)
 def test_a_sink_stalled_for_30_s_does_not_fail_the_run_or_lose_file_lines(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]

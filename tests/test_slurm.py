@@ -375,6 +375,14 @@ def test_preemptible_example_checkpoints_on_a_warning_and_the_requeued_job_resum
         assert time.monotonic() < deadline, shown + job.output
         time.sleep(0.1)
     cluster.wait_job_state(job.job_id, ("PENDING",), timeout=30)
+    # SLURM holds a requeued job back: started again within the second in which the first run's
+    # credential was revoked (times in whole seconds), it is killed ("Job credential revoked").
+    # Release it once its nodes are idle and that second is over.
+    deadline = time.monotonic() + 60
+    while set(states := cluster.run(["sinfo", "-h", "-o", "%T"]).stdout.split()) != {"idle"}:
+        assert time.monotonic() < deadline, states
+        time.sleep(0.1)
+    time.sleep(2.0)
     assert cluster.run(["scontrol", "update", f"JobId={job.job_id}", "StartTime=now"]).returncode == 0
     assert cluster.wait_job_state(job.job_id, ("", *ENDED), timeout=120) in ("", "COMPLETED"), job.output
     output = job.output

@@ -2,8 +2,8 @@
 heartbeat_timeout (15 s): the launcher and the agent stay in touch while either is busy with a
 big frame (heartbeats from a thread of each, silence judged only with nothing left unread).
 
-Minutes long: run in its own CI step (``./dev hatch run integrations:test``, which sets
-TORCHRUNX_HEAVY_TESTS=1); the main suite skips it."""
+Minutes long (`heavy`): run in its own CI step (``./dev hatch run integrations:test``, which
+sets TORCHRUNX_HEAVY_TESTS=1); the main suite skips it."""
 
 from __future__ import annotations
 
@@ -17,11 +17,10 @@ from pathlib import Path
 import pytest
 
 import torchrunx as trx
+from conftest import heavy
 from multihost import Host, TestBed
 
-pytestmark = pytest.mark.skipif(
-    os.environ.get("TORCHRUNX_HEAVY_TESTS") != "1", reason="minutes long: ./dev hatch run integrations:test"
-)
+pytestmark = heavy
 
 RATE = "20mbit"
 SIZE = 200 * 2**20

@@ -268,6 +268,25 @@ def test_nothing_a_run_changed_in_its_workers_is_seen_by_the_next_run(tmp_path: 
     assert not {first[r]["pid"] for r in range(2)} & {then[r]["pid"] for r in range(2)}
 
 
+def copied_variables() -> tuple[str | None, str | None]:
+    return os.environ.get("WANDB_RUN_NAME"), os.environ.get("WANDB_MODE")
+
+
+@pytest.mark.timeout(90)
+def test_the_launchers_environment_is_read_again_for_every_run_of_a_session(
+    local: dict[str, object], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("WANDB_MODE", "offline")  # copied by the default env_vars (WANDB_*)
+    monkeypatch.delenv("WANDB_RUN_NAME", raising=False)
+    with trx.Launcher(workers_per_host=1, **local) as launcher:
+        assert launcher.run(copied_variables)[0] == (None, "offline")
+        monkeypatch.setenv("WANDB_RUN_NAME", "trial-1")  # a sweep naming each trial
+        monkeypatch.delenv("WANDB_MODE")
+        assert launcher.run(copied_variables)[0] == ("trial-1", None)
+        monkeypatch.setenv("WANDB_RUN_NAME", "trial-2")
+        assert launcher.run(copied_variables)[0] == ("trial-2", None)
+
+
 # --------------------------------------------------------------------------- failures keep the session
 @pytest.mark.timeout(120)
 def test_a_worker_exception_fails_that_run_with_its_type_and_the_next_run_passes(

@@ -41,7 +41,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import importlib.metadata
 import json
 import os
 import signal
@@ -56,6 +55,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import _upstream
+from _provenance import checkout, package_version
 
 SAMPLE_TIMEOUT_S = 300.0
 STAMP = "@@coldstart"  # marks the line with the launch script's own time stamps on its output
@@ -424,26 +424,6 @@ def print_targets(summaries: dict[tuple[str, str], Summary]) -> list[dict[str, o
     return verdicts
 
 
-def _version(package: str) -> str:
-    try:
-        return importlib.metadata.version(package)
-    except importlib.metadata.PackageNotFoundError:
-        return "not installed"
-
-
-def _checkout() -> str:
-    """This checkout's commit, and whether its working tree differs from it (what trx-* measure by default)."""
-    root = Path(__file__).resolve().parent.parent
-    try:
-        commit = subprocess.run(["git", "-C", str(root), "rev-parse", "--short", "HEAD"], capture_output=True,
-                                text=True, timeout=30).stdout.strip()  # fmt: skip
-        dirty = subprocess.run(["git", "-C", str(root), "status", "--porcelain", "--untracked-files=no", "packages"],
-                               capture_output=True, text=True, timeout=30).stdout.strip()  # fmt: skip
-    except (OSError, subprocess.TimeoutExpired):
-        return str(root)
-    return f"{root} at {commit or '?'}" + (" with uncommitted changes in packages/" if dirty else "")
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=(__doc__ or "").split("\n\n")[0])
     parser.add_argument("--rounds", type=int, default=5, help="rounds of samples (default 5, at least 5 for a report)")
@@ -497,8 +477,8 @@ def main() -> None:
     print(
         f"\ncold start, one fresh interpreter per sample: {args.rounds} rounds, {socket.gethostname()}, "
         f"{os.cpu_count()} cores, load {load_before[0]:.2f} at start / {load_after[0]:.2f} at end, "
-        f"python {sys.version.split()[0]}, torch {_version('torch')}, torchrunx {_version('torchrunx')} "
-        f"from {args.trx_src or _checkout()}"
+        f"python {sys.version.split()[0]}, torch {package_version('torch')}, torchrunx {package_version('torchrunx')} "
+        f"from {args.trx_src or checkout()}"
     )
     summaries = summarize(samples)
     print_table(summaries)
@@ -509,8 +489,8 @@ def main() -> None:
     if args.json:
         args.json.write_text(json.dumps({
             "meta": {"rounds": args.rounds, "cores": os.cpu_count(), "load_before": load_before,
-                     "load_after": load_after, "torch": _version("torch"),
-                     "torchrunx_from": str(args.trx_src or _checkout())},
+                     "load_after": load_after, "torch": package_version("torch"),
+                     "torchrunx_from": str(args.trx_src or checkout())},
             "samples": [asdict(s) for s in samples],
             "summary": [asdict(s) for s in summaries.values()],
             "targets": verdicts,

@@ -47,7 +47,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import importlib.metadata
 import json
 import os
 import select
@@ -64,6 +63,7 @@ from pathlib import Path
 from typing import IO, Any
 
 import _upstream
+from _provenance import checkout, package_version
 
 ROOT = Path(__file__).resolve().parent.parent
 BASELINE = "c59737e"  # the last commit before warm sessions (issue #14): what "today" means for cold runs
@@ -729,24 +729,6 @@ def print_targets(summaries: dict[tuple[str, str, str], Summary]) -> list[dict[s
     return verdicts
 
 
-def _version(package: str) -> str:
-    try:
-        return importlib.metadata.version(package)
-    except importlib.metadata.PackageNotFoundError:
-        return "not installed"
-
-
-def _checkout() -> str:
-    try:
-        commit = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"], capture_output=True,
-                                text=True, timeout=30).stdout.strip()  # fmt: skip
-        dirty = subprocess.run(["git", "-C", str(ROOT), "status", "--porcelain", "--untracked-files=no", "packages"],
-                               capture_output=True, text=True, timeout=30).stdout.strip()  # fmt: skip
-    except (OSError, subprocess.TimeoutExpired):
-        return str(ROOT)
-    return f"{commit or '?'}" + (" with uncommitted changes in packages/" if dirty else "")
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=(__doc__ or "").split("\n\n")[0])
     parser.add_argument("--rounds", type=int, default=5, help="rounds (default 5, at least 5 for a report)")
@@ -816,7 +798,7 @@ def main() -> None:
     print(
         f"\nwarm sessions, one process per contender: {args.rounds} rounds x {args.warm_runs} warm runs, "
         f"{socket.gethostname()}, {os.cpu_count()} cores, load {load_before[0]:.2f} at start / {load_after[0]:.2f} "
-        f"at end, python {sys.version.split()[0]}, torch {_version('torch')}, torchrunx at {_checkout()}"
+        f"at end, python {sys.version.split()[0]}, torch {package_version('torch')}, torchrunx at {checkout()}"
         + (f", base = {args.baseline}" if base is not None else "")
     )
     for who, why in broken.items():
@@ -838,8 +820,8 @@ def main() -> None:
     if args.json:
         args.json.write_text(json.dumps({
             "meta": {"rounds": args.rounds, "warm_runs": args.warm_runs, "cores": os.cpu_count(),
-                     "load_before": load_before, "load_after": load_after, "torch": _version("torch"),
-                     "torchrunx_at": _checkout(), "baseline": args.baseline if base is not None else None},
+                     "load_before": load_before, "load_after": load_after, "torch": package_version("torch"),
+                     "torchrunx_at": checkout(), "baseline": args.baseline if base is not None else None},
             "samples": [asdict(s) for s in samples],
             "summary": [asdict(s) for s in summaries.values()],
             "idle": [asdict(i) for i in idle],

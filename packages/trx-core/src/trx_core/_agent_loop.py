@@ -320,7 +320,7 @@ class AgentLoop:
         rss = processes.resident_memory(os.getpid())
         self._agent_log(f"run ended; idle, holding {rss / 2**20:.0f} MiB (resident) and no GPU context")
         self._flush_logs()
-        self.channel.send(RunEnded(port, rss))
+        self.channel.send(RunEnded(port))
 
     def _forget(self, worker: ForkedWorker) -> None:
         for fd in (worker.stdout, worker.stderr):

@@ -109,7 +109,6 @@ class AgentHandle:
     finished: bool = False  # said it stopped, or closed after we asked it to stop
     started_at: float = 0.0  # when its executor had started it
     idle: bool = False  # in a session: the last run's workers are gone (RunEnded)
-    rss: int = 0  # in a session: its memory when it last became idle, in bytes
 
 
 class RunEvents:
@@ -229,8 +228,8 @@ class RunEvents:
                 self.results.pop(agent.ranks[local_rank], None)
             case WorkerExited(local_rank, how):
                 self._worker_exited(agent, local_rank, how)
-            case RunEnded(port, rss):
-                agent.idle, agent.rss = True, rss
+            case RunEnded(port):
+                agent.idle = True
                 if port and agent.ready is not None:
                     agent.ready = dataclasses.replace(agent.ready, port=port)  # the next run's fresh store
             case AgentStopped(reason):

@@ -186,11 +186,10 @@ class AgentStopped:
 # -- worker -> agent (relayed unchanged to the launcher where noted) ---------------------
 @dataclass(frozen=True)
 class RunEnded:
-    """The run's workers and their children are gone; the agent is idle. `port`: the fresh
-    rendezvous store for the next run (agent that hosts it), `rss`: the agent's memory in bytes."""
+    """The run's workers and their children are gone; the agent is idle (its log says how much
+    memory it holds). `port`: the fresh rendezvous store for the next run (agent that hosts it)."""
 
     port: int
-    rss: int
 
 
 @dataclass(frozen=True)

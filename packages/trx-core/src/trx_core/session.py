@@ -74,23 +74,20 @@ class Session:
                 raise ConfigurationError("this launcher's session was closed while the run waited for its turn")
             self._pause_idle()
             try:
-                pipeline = new_pipeline(self._launcher)
-                worker = worker_settings(self._launcher, started_env=self._env)
+                self._drop_if_lost()  # lost while idle
                 supervisor = self._supervisor
-                if supervisor is not None and supervisor.lost:  # while idle
-                    self._lost, self._supervisor = supervisor.lost, None
-                    supervisor.close()
-                    supervisor = None
                 if supervisor is None:  # lost earlier: this run starts the agents again, as a cold run does
                     message = f"torchrunx: starting this session's agents again, since {self._lost}"
                     warnings.warn(message, RuntimeWarning, stacklevel=3)
                     self._env = self._launcher.matched_env()
-                    worker = worker_settings(self._launcher, started_env=self._env)
                     supervisor = self._supervisor = new_supervisor(self._launcher, keep_agents=True)
                     supervisor.start()
-                return supervisor.run(payload, pipeline, worker)
+                pipeline = new_pipeline(self._launcher)
+                return supervisor.run(payload, pipeline, worker_settings(self._launcher, started_env=self._env))
             finally:
-                self._after_run()
+                self._drop_if_lost()
+                if self._supervisor is not None:
+                    self._resume_idle()
 
     def close(self) -> None:
         """Stop every agent of the session. Waits for a run in progress (in another thread) to end."""
@@ -105,16 +102,12 @@ class Session:
                 self._supervisor = None
 
     # -- between runs -----------------------------------------------------------------
-    def _after_run(self) -> None:
+    def _drop_if_lost(self) -> None:
+        """Stop the agents of a supervisor that lost one (the next run starts them all again)."""
         supervisor = self._supervisor
-        if supervisor is None:
-            return
-        if supervisor.lost:
-            self._lost = supervisor.lost
-            self._supervisor = None
+        if supervisor is not None and supervisor.lost:
+            self._lost, self._supervisor = supervisor.lost, None
             supervisor.close()
-        else:
-            self._resume_idle()
 
     def _resume_idle(self) -> None:
         supervisor = self._supervisor

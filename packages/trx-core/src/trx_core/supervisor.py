@@ -98,7 +98,6 @@ class Supervisor(RunEvents):
         self.deadline = 0.0  # of the current phase: agents started / agents gone / run ended
         self.began = 0.0  # time.monotonic() at the start of the current run
         self.signal_catcher = SignalCatcher()
-        self.interrupted = False  # by SIGINT, in a session
         self._wake_r, self._wake_w = os.pipe()  # wakes `serve_idle` when the next run comes
         for fd in (self._wake_r, self._wake_w):
             os.set_blocking(fd, False)
@@ -195,13 +194,11 @@ class Supervisor(RunEvents):
                 add_note(errors[0], f"also: {e}")
             raise errors[0]
 
-    def wait_ready(self) -> dict[str, float]:
-        """Follow the agents until every one is ready for a run (IDLE); raise if one cannot be.
-        Returns the start-up phases."""
+    def wait_ready(self) -> None:
+        """Follow the agents until every one is ready for a run (IDLE); raise if one cannot be."""
         try:
             self._loop_until(lambda: self.phase is not Phase.STARTING)
             self._raise_if_cut_short()
-            return dict(self.phases)
         finally:
             self.signal_catcher.release()
 

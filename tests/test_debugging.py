@@ -417,9 +417,9 @@ def test_breakpoints_post_mortem_and_stacks_across_two_ssh_hosts(
     t = terminal("rank_1_waits_for_a_file_while_the_others_wait_in_a_barrier", fields, str(flag))
     t.expect(r"started worker rank 0")
     stacks = ""
-    for _ in range(30):  # until rank 0 has reached the barrier
+    for _ in range(30):  # until rank 0 is seen on its own in the barrier (rank 1 still waiting for the file)
         stacks = t.stacks()
-        if "dist.barrier()" in stacks:
+        if "--- rank 0 (host1 local 0) ---" in stacks and "dist.barrier()" in stacks:
             break
     assert "--- rank 0 (host1 local 0) ---" in stacks and "    dist.barrier()" in stacks
     assert "    time.sleep(0.05)" in stacks
